@@ -1,0 +1,200 @@
+"""Plain frozen dataclasses that cross the boundary of ``db``.
+
+Callers hand these to the repository functions and get these back; ORM
+objects never leave ``db``. They hold only built-in types so that they can be
+logged (without the patient fields), pickled or turned into JSON freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal, NamedTuple
+
+RegisterKind = Literal["new", "duplicate", "replaced"]
+ResultLevel = Literal["study", "patient"]
+LabelLevel = Literal["study", "patient"]
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the listener knows about one spooled instance, ready to register.
+
+    ``patient_key`` is the DICOM PatientID as received; an empty one is stored
+    as ``"UNKNOWN:<study_instance_uid>"`` (see ``db.schema.patient_key_for``).
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    spool_path: str
+    sha256: str
+    size_bytes: int
+    transfer_syntax_uid: str | None = None
+    patient_key: str = ""
+    patient_name: str | None = None
+    patient_birth_date: date | None = None
+    patient_sex: str | None = None
+    study_date: date | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    modality: str | None = None
+    number_of_frames: int = 1
+
+
+@dataclass(frozen=True)
+class RegisterOutcome:
+    """The result of registering an instance.
+
+    ``outcome``: ``new`` (first time seen), ``duplicate`` (same SOP Instance UID
+    and same bytes: counted, nothing else changes) or ``replaced`` (same UID,
+    different bytes: back to ``received`` to be predicted again).
+    ``state`` is the instance's state after the call.
+    """
+
+    instance_id: int
+    outcome: RegisterKind
+    state: str
+
+
+class KnownInstance(NamedTuple):
+    """What the reconciler needs to know about an already registered instance."""
+
+    instance_id: int
+    sha256: str
+    state: str
+
+
+@dataclass(frozen=True)
+class ClaimedInstance:
+    """An instance a worker now owns (state ``processing``) until its lease ends."""
+
+    instance_id: int
+    sop_instance_uid: str
+    study_id: int
+    spool_path: str
+    sha256: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One model output for one frame of one instance.
+
+    ``probability`` is the probability of the positive class;
+    ``probabilities`` maps every class name to its probability.
+    """
+
+    instance_id: int
+    model_version: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    frame_index: int = 0
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """A stored prediction of one image (one frame of one instance), for aggregation."""
+
+    instance_id: int
+    sop_instance_uid: str
+    frame_index: int
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyPredictions:
+    """Every current prediction of one study under one model version.
+
+    ``epoch`` is the study's prediction counter read *before* the predictions;
+    pass it back to ``save_study_result`` so that a prediction that lands while
+    the result is being computed keeps the study marked for finalisation.
+    ``model_version`` is None when the study has no prediction at all.
+    """
+
+    study_id: int
+    study_instance_uid: str
+    patient_id: int
+    patient_key: str
+    model_version: str | None
+    epoch: int
+    images: tuple[ImagePrediction, ...] = ()
+
+
+@dataclass(frozen=True)
+class PatientPredictions:
+    """Every current prediction of all studies of one patient under one model version."""
+
+    patient_id: int
+    patient_key: str
+    model_version: str | None
+    study_count: int
+    images: tuple[ImagePrediction, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One revision of a study or patient result.
+
+    ``key`` is the Study Instance UID (level ``study``) or the patient key
+    (level ``patient``); ``patient_key`` is the owning patient in both cases.
+    ``study_count`` is None for study-level results.
+    """
+
+    id: int
+    level: ResultLevel
+    key: str
+    patient_key: str
+    model_version: str
+    rule: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    image_count: int
+    revision: int
+    created_at: datetime
+    study_count: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    """The pipeline's view of one model registry entry.
+
+    ``input_size`` is the side in pixels of the square model input (224 for
+    VGG-19 as trained here, 299 for Inception v3).
+    """
+
+    version: str
+    architecture: str
+    classes: tuple[str, ...]
+    input_size: int
+    artifact_path: str
+    status: str = "candidate"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    status_reason: str | None = None
+    created_at: datetime | None = None
+    promoted_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """A ground-truth label of a study (``key`` = Study Instance UID) or of a
+    patient (``key`` = patient key)."""
+
+    id: int
+    level: LabelLevel
+    key: str
+    patient_key: str
+    diagnosis: str
+    labelled_by: str
+    source: str
+    note: str | None
+    created_at: datetime

@@ -1,0 +1,267 @@
+"""After the acknowledgement: register spooled instances and queue them for inference.
+
+The listener's handlers hand every accepted instance to :class:`Intake`, which
+returns at once; one background thread registers the instances in the database
+in batches (one transaction each) and publishes inference work. When the
+database or broker is down the thread keeps retrying, while the spool already
+holds every acknowledged instance; :func:`reconcile_spool` (at start-up and on a
+timer) registers whatever the spool holds that the database does not know.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.records import InstanceRecord, RegisterOutcome
+from pacs.errors import InvalidInstance, SpoolError
+from pacs.meta import InstanceMeta, describe, read_dataset
+from pacs.spool import Spool, SpoolEntry
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[list[int]], None]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def to_record(meta: InstanceMeta, entry: SpoolEntry) -> InstanceRecord:
+    """The database's view of an accepted instance."""
+    return InstanceRecord(
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        study_instance_uid=meta.study_instance_uid,
+        series_instance_uid=meta.series_instance_uid,
+        patient_key=meta.patient_key,
+        patient_name=meta.patient_name,
+        patient_birth_date=meta.patient_birth_date,
+        patient_sex=meta.patient_sex,
+        study_date=meta.study_date,
+        accession_number=meta.accession_number,
+        study_description=meta.study_description,
+        series_description=meta.series_description,
+        modality=meta.modality,
+        number_of_frames=meta.number_of_frames,
+        spool_path=str(entry.path),
+        sha256=entry.sha256,
+        size_bytes=entry.size_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    record: InstanceRecord
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    sop_instance_uid: str | None
+    calling_aet: str
+    reason: str
+    status: int
+    at: dt.datetime
+
+
+Observer = Callable[[str, dict[str, object]], None]
+
+
+def _no_observer(event: str, fields: dict[str, object]) -> None:
+    return None
+
+
+def register_and_publish(
+    session_factory: sessionmaker[Session],
+    records: Sequence[InstanceRecord],
+    publish: Publish,
+    now: dt.datetime | None = None,
+) -> list[RegisterOutcome]:
+    """Register ``records`` in one transaction, then publish the new and replaced ones.
+
+    A publish failure leaves the instances in state ``received``; the stale
+    requeue picks them up once the broker is back, so nothing is lost.
+    """
+    now = now or utcnow()
+    with session_factory.begin() as session:
+        outcomes = [repository.register_instance(session, rec, now) for rec in records]
+    fresh = [o.instance_id for o in outcomes if o.outcome in ("new", "replaced")]
+    if fresh:
+        try:
+            publish(fresh)
+        except Exception:
+            logger.exception("broker unavailable: %d instances stay registered", len(fresh))
+            return outcomes
+        with session_factory.begin() as session:
+            repository.mark_queued(session, fresh, now)
+    return outcomes
+
+
+class Intake:
+    """Thread-safe hand-over from the association threads to one registrar thread."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        publish: Publish,
+        *,
+        batch_max: int = 64,
+        retry_seconds: float = 2.0,
+        observer: Observer = _no_observer,
+    ) -> None:
+        self._sessions = session_factory
+        self._publish = publish
+        self._batch_max = batch_max
+        self._retry_seconds = retry_seconds
+        self._observe = observer
+        self._queue: queue.Queue[_Accepted | _Rejected] = queue.Queue()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thyrocad-intake", daemon=True)
+
+    # --- called from association threads: must not block -------------------
+    def accepted(self, meta: InstanceMeta, entry: SpoolEntry, calling_aet: str) -> None:
+        self._idle.clear()
+        self._queue.put(_Accepted(to_record(meta, entry)))
+        self._observe("accepted", {"bytes": entry.size_bytes})
+
+    def rejected(
+        self, sop_instance_uid: str | None, calling_aet: str, reason: str, status: int
+    ) -> None:
+        self._idle.clear()
+        self._queue.put(_Rejected(sop_instance_uid, calling_aet, reason, status, utcnow()))
+        self._observe("rejected", {"reason": reason, "status": status})
+
+    def association(self, outcome: str) -> None:
+        self._observe("association", {"outcome": outcome})
+
+    # --- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain what is queued (best effort) and stop; the spool covers the rest."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until everything handed over so far is registered (tests, shutdown)."""
+        return self._idle.wait(timeout)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _take_batch(self) -> list[_Accepted | _Rejected]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            if self._queue.empty():
+                self._idle.set()
+            return []
+        batch = [first]
+        while len(batch) < self._batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        batch: list[_Accepted | _Rejected] = []
+        while True:
+            if not batch:
+                if self._stop.is_set() and self._queue.empty():
+                    return
+                batch = self._take_batch()
+                if not batch:
+                    continue
+            try:
+                self._flush(batch)
+                batch = []
+                if self._queue.empty():
+                    self._idle.set()
+            except SQLAlchemyError:
+                # The spool holds these instances; keep them and retry.
+                logger.exception("database unavailable; %d items wait in memory", len(batch))
+                if self._stop.wait(self._retry_seconds):
+                    return
+
+    def _flush(self, batch: Sequence[_Accepted | _Rejected]) -> None:
+        records = [item.record for item in batch if isinstance(item, _Accepted)]
+        rejections = [item for item in batch if isinstance(item, _Rejected)]
+        if rejections:
+            with self._sessions.begin() as session:
+                for r in rejections:
+                    repository.record_rejection(
+                        session, r.sop_instance_uid, r.calling_aet, r.reason, r.status, r.at
+                    )
+        if records:
+            outcomes = register_and_publish(self._sessions, _dedupe(records), self._publish)
+            for outcome in outcomes:
+                self._observe("registered", {"outcome": outcome.outcome})
+                if outcome.outcome == "replaced":
+                    logger.warning(
+                        "instance re-sent with different content: replaced and re-queued",
+                        extra={"instance_id": outcome.instance_id},
+                    )
+
+
+def _dedupe(records: Iterable[InstanceRecord]) -> list[InstanceRecord]:
+    """Within one batch the last copy of a SOP Instance UID wins (it is what is on disk)."""
+    latest: dict[str, InstanceRecord] = {}
+    for rec in records:
+        latest[rec.sop_instance_uid] = rec
+    return list(latest.values())
+
+
+def reconcile_spool(
+    spool: Spool,
+    session_factory: sessionmaker[Session],
+    publish: Publish,
+    now: dt.datetime | None = None,
+) -> int:
+    """Register spooled files the database does not know (or knows with other bytes).
+
+    Returns how many instances were registered. Unreadable files are logged and
+    left in place for an operator: the spool never deletes what it acknowledged.
+    """
+    missing: list[InstanceRecord] = []
+    for path in spool.entries():
+        uid = path.stem
+        data = None
+        with session_factory() as session:
+            known = repository.known_instance(session, uid)
+        if known is not None:
+            data = spool.read(path)
+            if _sha256(data) == known[1]:
+                continue
+        try:
+            data = data if data is not None else spool.read(path)
+            meta = describe(read_dataset(data))
+        except (InvalidInstance, SpoolError) as exc:
+            logger.error(
+                "unreadable spooled file left in place: %s", exc, extra={"path": str(path)}
+            )
+            continue
+        entry = SpoolEntry(uid, Path(path), _sha256(data), len(data))
+        missing.append(to_record(meta, entry))
+    for start in range(0, len(missing), 256):
+        register_and_publish(session_factory, missing[start : start + 256], publish, now)
+    if missing:
+        logger.info("reconciled %d spooled instances", len(missing))
+    return len(missing)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

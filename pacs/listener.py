@@ -1,0 +1,163 @@
+"""The C-STORE listener: a pynetdicom SCP whose handlers stay short.
+
+parse header → validate → spool (fsync) → hand over to the intake → status.
+Registration and queueing happen after the answer, on the intake's thread, so a
+slow database or broker never holds an association; pixel decoding and model
+work never run here.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.errors import InvalidInstance, SpoolError
+from pacs.meta import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    ULTRASOUND_SOP_CLASSES,
+    InstanceMeta,
+    describe,
+    read_dataset,
+)
+from pacs.spool import Spool, SpoolEntry
+
+logger = logging.getLogger(__name__)
+
+# Every syntax pydicom can decode with Pillow/pylibjpeg installed.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+]
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """Network identity and limits of the listener."""
+
+    ae_title: str = "THYROCAD"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_aets: Sequence[str] = field(default_factory=tuple)
+    max_associations: int = 16
+    max_pdu_size: int = 131072
+
+
+class Intake(Protocol):
+    """Receives what the handlers decided; must return immediately."""
+
+    def accepted(self, meta: InstanceMeta, entry: SpoolEntry, calling_aet: str) -> None: ...
+
+    def rejected(
+        self, sop_instance_uid: str | None, calling_aet: str, reason: str, status: int
+    ) -> None: ...
+
+    def association(self, outcome: str) -> None: ...
+
+
+def _calling_aet(event: Any) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except AttributeError:
+        return ""
+
+
+def handle_store(event: Any, spool: Spool, intake: Intake) -> int:
+    """EVT_C_STORE: validate the header, spool the bytes, return the DIMSE status."""
+    calling = _calling_aet(event)
+    sop_uid: str | None = None
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        ds = read_dataset(data)
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "") or None
+        meta = describe(ds, str(event.context.transfer_syntax))
+        entry = spool.write(meta.sop_instance_uid, data)
+    except InvalidInstance as exc:
+        logger.warning("instance refused: %s", exc.reason, extra={"sop_instance_uid": sop_uid})
+        intake.rejected(sop_uid, calling, exc.reason, exc.status)
+        return exc.status
+    except SpoolError as exc:
+        logger.error("spool write failed: %s", exc, extra={"sop_instance_uid": sop_uid})
+        intake.rejected(sop_uid, calling, str(exc), STATUS_OUT_OF_RESOURCES)
+        return STATUS_OUT_OF_RESOURCES
+    intake.accepted(meta, entry, calling)
+    return STATUS_SUCCESS
+
+
+def handle_echo(event: Any) -> int:
+    """EVT_C_ECHO: always success while the process is alive."""
+    return STATUS_SUCCESS
+
+
+def _set_nodelay(event: Any) -> None:
+    # Nagle's algorithm halves DICOM throughput and adds 40-60 ms stalls.
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        logger.debug("could not set TCP_NODELAY")
+
+
+def make_ae(config: ListenerConfig) -> AE:
+    """An Application Entity that accepts ultrasound storage and verification."""
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu_size
+    if config.allowed_aets:
+        ae.require_calling_aet = list(config.allowed_aets)
+    ae.add_supported_context(Verification)
+    for sop_class in ULTRASOUND_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_listener(
+    config: ListenerConfig, spool: Spool, intake: Intake
+) -> ThreadedAssociationServer:
+    """Start the SCP in background threads and return the server (call ``shutdown()``)."""
+    ae = make_ae(config)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [spool, intake]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_CONN_OPEN, _set_nodelay),
+        (evt.EVT_ACCEPTED, lambda event: intake.association("accepted")),
+        (evt.EVT_REJECTED, lambda event: intake.association("refused")),
+    ]
+    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
+    logger.info(
+        "listening",
+        extra={"ae_title": config.ae_title, "host": config.host, "port": config.port},
+    )
+    return server

@@ -1,0 +1,174 @@
+"""Turn a received DICOM header into plain data, and refuse what cannot be processed.
+
+Only the header is looked at here: pixel decoding never runs in the association
+thread. What fails validation raises :class:`InvalidInstance` carrying the reason
+that is stored and the DIMSE status the listener answers with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import struct
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from pacs.errors import InvalidInstance
+
+# DIMSE C-STORE failure statuses (PS3.4 B.2.3)
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+ULTRASOUND_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+}
+
+
+# SOP Class UID, SOP Instance UID, Study Instance UID, Pixel Data
+_IDENTIFYING_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x7FE00010)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What thyrocad keeps of one instance's header; no pixels."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_key: str
+    patient_name: str
+    patient_birth_date: dt.date | None
+    patient_sex: str | None
+    study_date: dt.date | None
+    accession_number: str
+    study_description: str
+    series_description: str
+    modality: str
+    number_of_frames: int
+    rows: int
+    columns: int
+
+
+def read_dataset(data: bytes) -> Dataset:
+    """Parse encoded bytes (with or without file meta) into a pydicom Dataset.
+
+    Raises :class:`InvalidInstance` (0xC000) when the bytes are not DICOM.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        # force=True parses anything; a dataset without one identifying element is noise.
+        if not any(tag in ds for tag in _IDENTIFYING_TAGS):
+            raise InvalidInstance("not a DICOM dataset", STATUS_CANNOT_UNDERSTAND)
+    except (InvalidDicomError, EOFError, ValueError, OSError, struct.error) as exc:
+        raise InvalidInstance(f"not a DICOM dataset: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
+    return ds
+
+
+def _date(value: object) -> dt.date | None:
+    text = str(value or "").strip()
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed element must not stop us: it is only metadata
+        return ""
+    return str(value or "").strip()
+
+
+def _require_uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if not value:
+        raise InvalidInstance(f"missing {keyword}", STATUS_DATASET_MISMATCH)
+    if not UID(value).is_valid:
+        raise InvalidInstance(f"invalid {keyword}: {value[:64]!r}", STATUS_DATASET_MISMATCH)
+    return value
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes that native (uncompressed) pixel data must hold, or None when unknown."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    total_bits = rows * cols * samples * bits * frames
+    return (total_bits + 7) // 8
+
+
+def describe(ds: Dataset, transfer_syntax_uid: str | None = None) -> InstanceMeta:
+    """Validate a dataset's header and return its :class:`InstanceMeta`.
+
+    Checks: the UIDs thyrocad keys on, a supported SOP class, present pixel data,
+    and for native encodings a pixel data length that matches the header.
+    """
+    sop_class = _require_uid(ds, "SOPClassUID")
+    if sop_class not in ULTRASOUND_SOP_CLASSES:
+        raise InvalidInstance(
+            f"SOP class {sop_class} is not an ultrasound or secondary capture image",
+            STATUS_SOP_CLASS_NOT_SUPPORTED,
+        )
+    sop_uid = _require_uid(ds, "SOPInstanceUID")
+    study_uid = _require_uid(ds, "StudyInstanceUID")
+    series_uid = _require_uid(ds, "SeriesInstanceUID")
+    syntax = transfer_syntax_uid or _text(ds.get("file_meta", Dataset()), "TransferSyntaxUID")
+    if "PixelData" not in ds:
+        raise InvalidInstance("no pixel data", STATUS_DATASET_MISMATCH)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidInstance("missing Rows/Columns", STATUS_DATASET_MISMATCH) from exc
+    if syntax and not UID(syntax).is_compressed:
+        expected = expected_pixel_bytes(ds)
+        got = len(ds.PixelData)
+        if expected is not None and got < expected:
+            raise InvalidInstance(
+                f"truncated pixel data: expected {expected} bytes, got {got}",
+                STATUS_DATASET_MISMATCH,
+            )
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return InstanceMeta(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=syntax,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        patient_key=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_date(ds.get("PatientBirthDate")),
+        patient_sex=_text(ds, "PatientSex") or None,
+        study_date=_date(ds.get("StudyDate")),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        modality=_text(ds, "Modality"),
+        number_of_frames=frames,
+        rows=rows,
+        columns=cols,
+    )

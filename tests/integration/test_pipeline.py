@@ -1,0 +1,251 @@
+"""End to end on real PostgreSQL, Redis, Celery workers and DICOM peers.
+
+listener → spool → registration → Celery (Redis) → batched inference →
+aggregation → SQL views; plus the failure modes: a worker killed mid-batch and
+Redis stopped while studies arrive. Nothing acknowledged may be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from pacs.sender import Peer, send_files
+from tests.integration.conftest import cli
+from tests.procs import free_port, port_open, redis_server, stop, thyrocad, wait_for
+from thyrocad.synthetic import write_synthetic_set
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("predicted", "rejected", "failed")
+
+
+@dataclass
+class Pipeline:
+    env: dict[str, str]
+    port: int
+    data_dir: Path
+    engine: sa.Engine
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, *names: str) -> None:
+        commands = {
+            "listener": ("serve",),
+            "inference": ("worker", "--queues", "inference", "--pool", "solo", "--name", "inf"),
+            "control": (
+                "worker",
+                "--queues",
+                "aggregation,maintenance",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "2",
+                "--name",
+                "ctl",
+            ),
+            "beat": ("beat",),
+        }
+        for name in names or commands:
+            self.procs[name] = thyrocad(
+                *commands[name], env=self.env, log=self.data_dir / f"{name}.log"
+            )
+        if "listener" in (names or commands):
+            wait_for(lambda: port_open(self.port), 60, "the listener port")
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if sig == signal.SIGKILL:
+            proc.kill()
+            proc.wait()
+        else:
+            stop(proc)
+
+    def peer(self) -> Peer:
+        return Peer("127.0.0.1", self.port, "THYROCAD")
+
+    def states(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT state, count(*) FROM instances GROUP BY state"))
+            return dict(rows)
+
+    def scalar(self, sql: str) -> object:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(sql)).scalar()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in self.data_dir.glob("*.log")
+        )
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, pg_url: str, tiny_model: tuple[Path, str]) -> Iterator[Pipeline]:
+    registry, version = tiny_model
+    with redis_server(tmp_path) as (redis_port, stop_redis, start_redis):
+        port = free_port()
+        env = {
+            "THYROCAD_DATA_DIR": str(tmp_path / "data"),
+            "DATABASE_URL": pg_url,
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "THYROCAD_PORT": str(port),
+            "THYROCAD_STUDY_IDLE_SECONDS": "1",
+            "THYROCAD_CLAIM_LEASE_SECONDS": "6",
+            "THYROCAD_REQUEUE_INTERVAL_SECONDS": "2",
+            "THYROCAD_REQUEUE_STALE_SECONDS": "3",
+            "THYROCAD_RECONCILE_INTERVAL_SECONDS": "5",
+            "THYROCAD_BATCH_MAX": "8",
+        }
+        cli("db", "upgrade", env=env)
+        cli("models", "promote", version, "--registry", str(registry), env=env)
+        p = Pipeline(env, port, tmp_path, sa.create_engine(pg_url))
+        p.redis = (stop_redis, start_redis)  # type: ignore[attr-defined]
+        try:
+            yield p
+        finally:
+            for name in list(p.procs):
+                p.kill(name)
+            p.engine.dispose()
+
+
+def synthetic(tmp_path: Path, patients: int, seed: int) -> list[Path]:
+    written = write_synthetic_set(
+        tmp_path / f"studies-{seed}", patients, seed=seed, size=64, id_prefix=f"S{seed}"
+    )
+    return [path for p in written for path in p.paths]
+
+
+def test_studies_flow_to_results_and_views(pipeline: Pipeline, tmp_path: Path) -> None:
+    pipeline.start()
+    files = synthetic(tmp_path, 3, seed=11)
+    report = send_files(files, pipeline.peer(), "MODALITY1")
+    assert report.ok, report.failed
+    # dcmtk's storescu as a second, independent SCU.
+    more = synthetic(tmp_path, 2, seed=12)
+    storescu = shutil.which("storescu", path="/usr/bin")
+    assert storescu, "dcmtk is required (deploy/setup.sh installs it)"
+    done = subprocess.run(
+        [
+            storescu,
+            "-aec",
+            "THYROCAD",
+            "-aet",
+            "DCMTK",
+            "127.0.0.1",
+            str(pipeline.port),
+            *map(str, more),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    total = len(files) + len(more)
+    wait_for(
+        lambda: pipeline.states().get("predicted", 0) == total,
+        120,
+        f"{total} predicted instances ({pipeline.states()})\n{pipeline.logs()}",
+    )
+    wait_for(
+        lambda: pipeline.scalar("SELECT count(*) FROM study_results_latest") == 5,
+        60,
+        "5 study results",
+    )
+    assert pipeline.scalar("SELECT count(*) FROM patient_results_latest") == 5
+    assert pipeline.scalar("SELECT count(*) FROM image_results") == total
+    # every prediction names the model version that made it
+    assert pipeline.scalar("SELECT count(*) FROM predictions WHERE model_version IS NULL") == 0
+    status = json.loads(cli("status", "--json", env=pipeline.env).stdout)
+    assert status["instances"]["predicted"] == total
+    assert status["active_model"]
+
+
+def test_killed_worker_loses_nothing_and_predicts_once(pipeline: Pipeline, tmp_path: Path) -> None:
+    pipeline.start("listener", "inference", "control", "beat")
+    files = synthetic(tmp_path, 12, seed=21)
+    assert send_files(files, pipeline.peer(), "MODALITY1").ok
+    wait_for(lambda: pipeline.states().get("predicted", 0) >= 1, 120, "a first prediction")
+    pipeline.kill("inference", signal.SIGKILL)
+    predicted_at_kill = pipeline.states().get("predicted", 0)
+    if predicted_at_kill == len(files):
+        pytest.fail("the worker finished before it could be killed: send more instances")
+    pipeline.start("inference")
+    wait_for(
+        lambda: pipeline.states().get("predicted", 0) == len(files),
+        180,
+        f"all predicted after the restart ({pipeline.states()})\n{pipeline.logs()}",
+    )
+    duplicates = pipeline.scalar(
+        "SELECT count(*) FROM (SELECT instance_id, frame_index, model_version FROM predictions "
+        "GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
+    )
+    assert duplicates == 0
+
+
+def test_redis_outage_loses_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
+    stop_redis, start_redis = pipeline.redis  # type: ignore[attr-defined]
+    pipeline.start()
+    first = synthetic(tmp_path, 2, seed=31)
+    assert send_files(first, pipeline.peer(), "MODALITY1").ok
+    stop_redis()
+    during = synthetic(tmp_path, 2, seed=32)
+    report = send_files(during, pipeline.peer(), "MODALITY1")
+    assert report.ok, "the listener must keep acknowledging while the broker is down"
+    wait_for(
+        lambda: pipeline.scalar("SELECT count(*) FROM instances") == len(first) + len(during),
+        60,
+        "registration of every acknowledged instance",
+    )
+    start_redis()
+    total = len(first) + len(during)
+    wait_for(
+        lambda: pipeline.states().get("predicted", 0) == total,
+        180,
+        f"all {total} predicted after Redis returned ({pipeline.states()})\n{pipeline.logs()}",
+    )
+
+
+def test_bad_input_is_refused_with_reason_and_service_survives(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    pipeline.start("listener")
+    good = synthetic(tmp_path, 1, seed=41)
+    # Garbage after a valid file meta header: the SCP gets bytes it cannot parse.
+    garbage = tmp_path / "garbage.dcm"
+    ds = pydicom.dcmread(good[0])
+    ds.save_as(garbage, enforce_file_format=True)
+    raw = garbage.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    garbage.write_bytes(raw[:meta_end] + os.urandom(2000))
+    nopix = tmp_path / "nopix.dcm"
+    ds2 = pydicom.dcmread(good[1])
+    del ds2.PixelData
+    ds2.save_as(nopix, enforce_file_format=True)
+    report = send_files([garbage, nopix, *good], pipeline.peer(), "MODALITY1")
+    failed = dict(report.failed)
+    assert set(failed) == {garbage, nopix}
+    assert "0xA900" in failed[nopix] or "0xC000" in failed[nopix]
+    assert len(report.sent) == len(good)
+    wait_for(
+        lambda: pipeline.scalar("SELECT count(*) FROM rejections") == 2, 30, "2 stored rejections"
+    )
+    reasons = pipeline.scalar("SELECT string_agg(reason, ' | ') FROM rejections")
+    assert "no pixel data" in str(reasons)
+    # An unknown calling AE title is refused at association when an allow-list is set.
+    pipeline.kill("listener")
+    pipeline.env["THYROCAD_ALLOWED_AETS"] = "MODALITY1"
+    pipeline.start("listener")
+    from pacs.errors import SendError
+
+    with pytest.raises(SendError, match="rejected"):
+        send_files(good[:1], pipeline.peer(), "STRANGER")
+    assert send_files(good[:1], pipeline.peer(), "MODALITY1").ok

@@ -1,0 +1,70 @@
+"""Header validation: what the listener accepts, and the status of what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pacs.errors import InvalidInstance
+from pacs.meta import describe, read_dataset
+
+US = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def make(**overrides: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = US
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "P1"
+    ds.StudyDate = "20260105"
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = 4, 5
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(20)
+    for key, value in overrides.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    return ds
+
+
+def test_valid_header_becomes_plain_data() -> None:
+    ds = make()
+    meta = describe(ds)
+    assert meta.sop_instance_uid == ds.SOPInstanceUID
+    assert meta.patient_key == "P1"
+    assert meta.study_date is not None and meta.study_date.isoformat() == "2026-01-05"
+    assert (meta.rows, meta.columns, meta.number_of_frames) == (4, 5, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason", "status"),
+    [
+        ({"SOPInstanceUID": None}, "missing SOPInstanceUID", 0xA900),
+        ({"StudyInstanceUID": None}, "missing StudyInstanceUID", 0xA900),
+        ({"SeriesInstanceUID": "not a uid!"}, "invalid SeriesInstanceUID", 0xA900),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "not an ultrasound", 0x0122),
+        ({"PixelData": None}, "no pixel data", 0xA900),
+        ({"PixelData": bytes(7)}, "truncated pixel data: expected 20 bytes, got 7", 0xA900),
+    ],
+)
+def test_refusals_carry_reason_and_status(overrides: dict, reason: str, status: int) -> None:
+    with pytest.raises(InvalidInstance) as info:
+        describe(make(**overrides))
+    assert reason in info.value.reason
+    assert info.value.status == status
+
+
+def test_garbage_bytes_are_not_dicom() -> None:
+    with pytest.raises(InvalidInstance) as info:
+        describe(read_dataset(b"\x00\x01garbage" * 10))
+    assert info.value.status == 0xC000
+    assert "not a DICOM dataset" in info.value.reason

@@ -1,0 +1,3 @@
+from thyrocad.cli import main
+
+main()

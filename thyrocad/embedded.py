@@ -1,0 +1,128 @@
+"""Run the whole pipeline on one machine as local processes, stopped together.
+
+listener · inference worker · control worker (aggregation, maintenance,
+training) · beat. Child processes read the same settings from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from thyrocad.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that reproduce ``settings`` in a child process."""
+    env = {
+        "THYROCAD_DATA_DIR": str(settings.data_dir.resolve()),
+        "THYROCAD_AE_TITLE": settings.ae_title,
+        "THYROCAD_HOST": settings.host,
+        "THYROCAD_PORT": str(settings.port),
+        "THYROCAD_ALLOWED_AETS": ",".join(settings.allowed_aets),
+        "THYROCAD_STUDY_IDLE_SECONDS": str(settings.study_idle_seconds),
+        "THYROCAD_CLASSES": ",".join(settings.classes),
+        "THYROCAD_POSITIVE_CLASS": settings.positive_class,
+        "THYROCAD_BATCH_MAX": str(settings.batch_max),
+        "THYROCAD_BATCH_WAIT_SECONDS": str(settings.batch_wait_seconds),
+        "THYROCAD_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
+        "THYROCAD_FRAME_POLICY": settings.frame_policy,
+        "THYROCAD_METRICS_PORT": str(settings.metrics_port),
+        "THYROCAD_LOG_JSON": "1" if settings.log_json else "0",
+        "THYROCAD_LOG_LEVEL": settings.log_level,
+        "DATABASE_URL": settings.db_url,
+        "CELERY_BROKER_URL": settings.broker_url,
+    }
+    return env
+
+
+def process_commands(metrics_port: int = 0) -> dict[str, list[str]]:
+    """The command line of each embedded process."""
+    cli = [sys.executable, "-m", "thyrocad"]
+    return {
+        "listener": [*cli, "serve"],
+        "inference": [
+            *cli,
+            "worker",
+            "--queues",
+            "inference",
+            "--pool",
+            "solo",
+            "--name",
+            "inference",
+        ],
+        "control": [
+            *cli,
+            "worker",
+            "--queues",
+            "aggregation,maintenance,training",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "2",
+            "--name",
+            "control",
+        ],
+        "beat": [*cli, "beat"],
+    }
+
+
+@dataclass
+class Supervisor:
+    """Starts the embedded processes and stops them all when one ends or on Ctrl-C."""
+
+    settings: Settings
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        # Each process would otherwise bind the same metrics port.
+        base_port = self.settings.metrics_port
+        for offset, (name, argv) in enumerate(process_commands().items()):
+            child_env = dict(env)
+            if base_port:
+                child_env["THYROCAD_METRICS_PORT"] = str(base_port + offset)
+            self.processes[name] = subprocess.Popen(argv, env=child_env)
+            logger.info("started %s", name, extra={"pid": self.processes[name].pid})
+
+    def poll(self) -> str | None:
+        """The name of a process that has exited, if any."""
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                return name
+        return None
+
+    def wait(self) -> int:
+        """Block until Ctrl-C or until a process exits; then stop everything."""
+        try:
+            while (ended := self.poll()) is None:
+                time.sleep(0.5)
+            logger.error(
+                "%s exited with %s; stopping the others", ended, self.processes[ended].returncode
+            )
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

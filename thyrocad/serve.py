@@ -1,0 +1,93 @@
+"""The listener process: SCP + intake + spool reconciler, wired from settings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_session_factory
+from pacs.intake import Intake, Observer, reconcile_spool
+from pacs.listener import ListenerConfig, start_listener
+from pacs.spool import Spool
+from thyrocad.settings import Settings
+from worker.app import create_app
+
+logger = logging.getLogger(__name__)
+
+
+def publisher(app: Celery) -> Callable[[list[int]], None]:
+    """Publish an inference task for instance ids; fail fast when the broker is down."""
+
+    def publish(instance_ids: list[int]) -> None:
+        app.send_task(
+            "thyrocad.infer",
+            args=[instance_ids],
+            queue="inference",
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
+        )
+
+    return publish
+
+
+@dataclass
+class ListenerService:
+    """A running listener; :meth:`stop` shuts it down cleanly."""
+
+    settings: Settings
+    spool: Spool
+    sessions: sessionmaker[Session]
+    intake: Intake
+    publish: Callable[[list[int]], None]
+    server: object
+    _stop: threading.Event
+    _reconciler: threading.Thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()  # type: ignore[attr-defined]
+        self.intake.stop()
+        self._reconciler.join(5)
+
+    def reconcile_now(self) -> int:
+        """Register whatever the spool holds that the database does not know."""
+        return reconcile_spool(self.spool, self.sessions, self.publish)
+
+
+def start_service(settings: Settings, observer: Observer | None = None) -> ListenerService:
+    """Start intake, listener and the periodic spool reconciler in this process."""
+    sessions = make_session_factory(make_engine(settings.db_url))
+    app = create_app(settings)
+    publish = publisher(app)
+    spool = Spool(settings.spool_dir, settings.spool_min_free_mb * 2**20)
+    kwargs = {"observer": observer} if observer else {}
+    intake = Intake(sessions, publish, **kwargs)  # type: ignore[arg-type]
+    intake.start()
+    stop = threading.Event()
+
+    def reconcile_forever() -> None:
+        while True:
+            try:
+                reconcile_spool(spool, sessions, publish)
+            except Exception:
+                logger.exception("spool reconciliation failed; retrying later")
+            if stop.wait(settings.reconcile_interval_seconds):
+                return
+
+    reconciler = threading.Thread(target=reconcile_forever, name="thyrocad-reconcile", daemon=True)
+    reconciler.start()
+    config = ListenerConfig(
+        ae_title=settings.ae_title,
+        host=settings.host,
+        port=settings.port,
+        allowed_aets=tuple(settings.allowed_aets),
+        max_associations=settings.max_associations,
+        max_pdu_size=settings.max_pdu_size,
+    )
+    server = start_listener(config, spool, intake)
+    return ListenerService(settings, spool, sessions, intake, publish, server, stop, reconciler)

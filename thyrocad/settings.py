@@ -1,0 +1,119 @@
+"""Typed settings, read from the environment and ``.env`` by :func:`load_settings`.
+
+Every variable is listed in ``deploy/.env.example`` and the README. Nothing reads
+settings at import time: entry points call :func:`load_settings` once and pass
+the result down.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_CLASSES = ("autoimmune", "normal")
+
+
+class Settings(BaseSettings):
+    """All of thyrocad's configuration; defaults give the embedded, one-machine setup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="THYROCAD_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Field(default=Path("./thyrocad-data"))
+    # Storage and broker: empty means the embedded default under data_dir.
+    database_url: str = Field(default="", validation_alias="DATABASE_URL")
+    celery_broker_url: str = Field(default="", validation_alias="CELERY_BROKER_URL")
+
+    # DICOM listener
+    ae_title: str = "THYROCAD"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_associations: int = 16
+    max_pdu_size: int = 131072
+    spool_min_free_mb: int = 512
+    reconcile_interval_seconds: float = 60.0
+
+    # Inference and aggregation
+    classes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
+    positive_class: str = "autoimmune"
+    threshold: float = 0.5
+    frame_policy: str = "middle"
+    batch_max: int = 32
+    batch_wait_seconds: float = 0.2
+    claim_lease_seconds: float = 600.0
+    decode_threads: int = 2
+    study_idle_seconds: float = 30.0
+    finalise_interval_seconds: float = 1.0
+    aggregation_rule: str = "mean"
+    requeue_interval_seconds: float = 30.0
+    requeue_stale_seconds: float = 120.0
+
+    # Metrics
+    metrics_port: int = 0  # 0 disables the metrics endpoint
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("allowed_aets", "classes", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16:
+            raise ValueError("an AE title has 1 to 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> Settings:
+        if len(set(self.classes)) < 2:
+            raise ValueError("THYROCAD_CLASSES needs at least two distinct class names")
+        if self.positive_class not in self.classes:
+            raise ValueError(
+                f"THYROCAD_POSITIVE_CLASS {self.positive_class!r} is not one of {self.classes}"
+            )
+        return self
+
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @cached_property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def embedded(self) -> bool:
+        """True when neither a database nor a broker server is configured."""
+        return not self.database_url and not self.celery_broker_url
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'thyrocad.sqlite').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        # The filesystem transport needs no server: the embedded default.
+        return self.celery_broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment (and ``.env``), with explicit overrides."""
+    return Settings(**overrides)  # type: ignore[arg-type]

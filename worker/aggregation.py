@@ -1,0 +1,94 @@
+"""Study and patient results, recomputed from stored predictions (never incremented).
+
+A late image simply makes the next finalisation produce a new revision; an
+unchanged study returns its latest revision, so running this twice is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from db import repository
+from db.records import ImagePrediction, ResultRecord
+from models.aggregation import combine
+from worker.context import WorkerContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finalised:
+    study: ResultRecord
+    patient: ResultRecord | None
+
+
+def _combine(
+    images: Sequence[ImagePrediction], classes: Sequence[str], rule: str, positive: str
+) -> tuple[str, float, dict[str, float]]:
+    matrix = np.array(
+        [[img.probabilities.get(c, 0.0) for c in classes] for img in images], dtype=np.float64
+    )
+    combined = combine(matrix, rule=rule, positive_index=list(classes).index(positive))
+    probs = {c: float(p) for c, p in zip(classes, combined, strict=True)}
+    return classes[int(np.argmax(combined))], probs[positive], probs
+
+
+def finalise_study(ctx: WorkerContext, study_id: int, now: dt.datetime) -> Finalised | None:
+    """Recompute one study's result and its patient's result from stored predictions."""
+    rule, positive = ctx.settings.aggregation_rule, ctx.settings.positive_class
+    with ctx.sessions.begin() as session:
+        preds = repository.study_predictions(session, study_id)
+        if not preds.images or preds.model_version is None:
+            return None
+        classes = list(preds.images[0].probabilities)
+        label, prob, probs = _combine(preds.images, classes, rule, positive)
+        study = repository.save_study_result(
+            session,
+            study_id=study_id,
+            model_version=preds.model_version,
+            rule=rule,
+            label=label,
+            probability=prob,
+            probabilities=probs,
+            image_count=len(preds.images),
+            now=now,
+            epoch=preds.epoch,
+        )
+        patient_preds = repository.patient_predictions(
+            session, preds.patient_id, preds.model_version
+        )
+        patient = None
+        if patient_preds.images:
+            label, prob, probs = _combine(patient_preds.images, classes, rule, positive)
+            patient = repository.save_patient_result(
+                session,
+                patient_id=preds.patient_id,
+                model_version=preds.model_version,
+                rule=rule,
+                label=label,
+                probability=prob,
+                probabilities=probs,
+                image_count=len(patient_preds.images),
+                study_count=patient_preds.study_count,
+                now=now,
+            )
+    return Finalised(study=study, patient=patient)
+
+
+def finalise_due(ctx: WorkerContext, now: dt.datetime | None = None) -> list[Finalised]:
+    """Finalise every study idle for at least the configured time."""
+    now = now or dt.datetime.now(dt.UTC)
+    with ctx.sessions() as session:
+        due = repository.studies_to_finalise(session, ctx.settings.study_idle_seconds, now)
+    done = []
+    for study_id in due:
+        result = finalise_study(ctx, study_id, now)
+        if result is not None:
+            done.append(result)
+            ctx.observe("study_result", {"study": result.study})
+    return done

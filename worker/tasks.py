@@ -1,0 +1,64 @@
+"""Celery tasks: thin wrappers that load ids, call a function, persist.
+
+Every task is idempotent, so ``acks_late`` re-delivery after a crash is safe.
+Transient database/broker errors retry with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from celery import shared_task
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import OperationalError as DatabaseError
+
+from db import repository
+from worker.aggregation import finalise_due
+from worker.context import get_context
+from worker.inference import run_inference
+from worker.model_holder import NoActiveModel
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT = (DatabaseError, BrokerError, ConnectionError)
+RETRY = {
+    "autoretry_for": TRANSIENT,
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": None,
+}
+
+
+@shared_task(name="thyrocad.infer", bind=True, **RETRY)
+def infer(self, instance_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
+    """Predict pending instances (the ids are a hint: the task drains the backlog)."""
+    ctx = get_context()
+    try:
+        outcome = run_inference(ctx)
+    except NoActiveModel as exc:
+        # Not a failure of these instances: they stay queued until a promotion.
+        logger.warning("%s", exc)
+        raise self.retry(countdown=30, exc=exc) from exc
+    return outcome.predicted
+
+
+@shared_task(name="thyrocad.finalise_studies", **RETRY)
+def finalise_studies() -> int:
+    """Finalise studies idle for the configured time."""
+    return len(finalise_due(get_context()))
+
+
+@shared_task(name="thyrocad.requeue_stale", **RETRY)
+def requeue_stale() -> int:
+    """Re-publish instances whose task was lost (broker outage, killed worker)."""
+    ctx = get_context()
+    now = dt.datetime.now(dt.UTC)
+    with ctx.sessions.begin() as session:
+        ids = repository.instances_to_requeue(session, now, ctx.settings.requeue_stale_seconds)
+        if ids:
+            repository.mark_queued(session, ids, now)
+    if ids:
+        infer.apply_async(args=[ids])
+        logger.info("requeued %d stale instances", len(ids))
+    return len(ids)

@@ -128,7 +128,7 @@ def _weighted_metrics(level: _Level, weights: np.ndarray) -> dict[str, np.ndarra
     valid = (n_pos > 0) & (n_neg > 0)
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        # zero_division=0, as scikit-learn's precision_score / f1_score are called here.
+        # 0 where the denominator is 0: scikit-learn's behaviour with zero_division=0.
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
     out = {
@@ -560,8 +560,8 @@ def _markdown(report: EvaluationReport, title: str) -> str:
             "| true \\ predicted | " + " | ".join(report.classes) + " |",
             "|---|" + "---|" * len(report.classes),
         ]
-        for name, row in zip(report.classes, level.confusion, strict=True):
-            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+        for name, counts in zip(report.classes, level.confusion, strict=True):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in counts) + " |")
     boot = report.bootstrap
     lines += [
         "",
@@ -574,7 +574,9 @@ def _markdown(report: EvaluationReport, title: str) -> str:
         "holding one class only are skipped "
         f"({boot.get('skipped_one_class', '?')} of them). Values are fractions; precision "
         "and F1 are 0 when nothing is predicted positive (scikit-learn's zero_division=0). "
-        "Point estimates equal scikit-learn's on the same predictions.",
+        "Point estimates equal scikit-learn's on the same predictions. A metric at 0 or 1 "
+        "(no errors of that kind observed) gets a percentile interval collapsed onto that "
+        "value: with few patients read it as 'none seen', not as certainty.",
         "",
     ]
     return "\n".join(lines)
@@ -616,6 +618,7 @@ def _plot_pr(report: EvaluationReport, path: Path, title: str) -> None:
                 curve["recall"],
                 curve["precision"],
                 label=f"{name} (AP {curve['average_precision']:.3f})",
+                drawstyle="steps-post",  # as scikit-learn draws PR curves: no interpolation
             )
         axes.set(
             xlabel="recall",

@@ -6,7 +6,8 @@ jugular vein, trachea, oesophagus, longus colli) drives complex Gaussian scatter
 which are convolved with an anisotropic point-spread function; the envelope is
 Rayleigh-distributed speckle. Attenuation accumulates with depth (so fluid gives
 posterior enhancement and air a shadow) and time-gain compensation undoes most of it.
-The envelope is log-compressed into 8 bits with a per-image gain and dynamic range.
+The envelope is log-compressed with a per-image gain and dynamic range, lightly
+smoothed (as scan conversion and resizing do) and mapped to 8 bits by a grey-map curve.
 
 Normal glands are homogeneous, fine and moderately bright (brighter than muscle).
 Autoimmune (Hashimoto-like) glands are enlarged, hypoechoic, coarse and heterogeneous,
@@ -112,12 +113,12 @@ def _draw_patient(rng: np.random.Generator, label: str) -> _Patient:
 def _smooth_field(
     rng: np.random.Generator, shape: tuple[int, int], sigma_px: float | tuple[float, float]
 ) -> np.ndarray:
-    """Gaussian random field with unit standard deviation and correlation ~sigma_px.
+    """Gaussian random field with zero mean, unit standard deviation, correlation ~sigma_px.
 
     ``sigma_px`` is one value or (rows, columns) for an anisotropic field. White noise is
     low-pass filtered in the Fourier domain, so the cost does not grow with sigma.
     """
-    sy, sx = (sigma_px, sigma_px) if np.isscalar(sigma_px) else sigma_px
+    sy, sx = sigma_px if isinstance(sigma_px, tuple) else (sigma_px, sigma_px)
     noise = rng.standard_normal(shape, dtype=np.float32)
     fy = np.fft.fftfreq(shape[0])
     fx = np.fft.rfftfreq(shape[1])
@@ -127,6 +128,9 @@ def _smooth_field(
         np.exp(-2.0 * np.pi**2 * max(sx, 0.3) ** 2 * fx**2),
     ).astype(np.float32)
     field = fft.irfft2(fft.rfft2(noise) * transfer, s=shape)
+    # Centre as well as scale: when sigma is large against the shape, the leftover mean of
+    # the noise would otherwise dominate (e.g. a TGC error that is one big offset).
+    field = field - field.mean()
     return field / (field.std() + 1e-12)
 
 
@@ -152,8 +156,7 @@ class _Scene:
         self.mm = depth_mm / size
         coords = (np.arange(size) + 0.5) * self.mm
         self.y, self.x = np.meshgrid(coords, coords, indexing="ij")
-        self.width = depth_mm
-        self.depth = depth_mm
+        self.width = depth_mm  # square pixels and a square field of view
         self.refl = np.full((size, size), _SOFT_DB)
         self.atten = np.full((size, size), _TISSUE_ATTEN)
         self.specular = np.zeros((size, size))
@@ -163,9 +166,7 @@ class _Scene:
         """Blend echogenicity ``db`` where the soft ``mask`` (0..1) is set."""
         self.refl = self.refl * (1.0 - mask) + mask * db
 
-    def ellipse(
-        self, cx: float, cy: float, a: float, b: float, angle: float = 0.0
-    ) -> np.ndarray:
+    def ellipse(self, cx: float, cy: float, a: float, b: float, angle: float = 0.0) -> np.ndarray:
         """Normalised elliptic radius (1 on the boundary) of an ellipse rotated by angle."""
         c, s = np.cos(angle), np.sin(angle)
         dx, dy = self.x - cx, self.y - cy
@@ -174,11 +175,19 @@ class _Scene:
         return np.hypot(u, v)
 
 
+def _top_edge(scene: _Scene, gland: np.ndarray, fallback: float) -> np.ndarray:
+    """Depth (mm) of the gland's anterior surface per column; ``fallback`` where absent."""
+    inside = gland > 0.5
+    return np.where(inside.any(axis=0), np.argmax(inside, axis=0) * scene.mm, fallback)
+
+
 def _layers(scene: _Scene, rng: np.random.Generator, p: _Patient, top_of_gland: np.ndarray) -> None:
     """Skin, subcutaneous fat and strap muscles above ``top_of_gland`` (mm per column)."""
     y = scene.y
     skin = p.skin_mm
-    fat_bottom = skin + p.fat_mm * (1.0 + 0.1 * _smooth_field(rng, (1, scene.size), 20)[0])
+    fat_bottom = skin + p.fat_mm * (
+        1.0 + 0.1 * _smooth_field(rng, (1, scene.size), 4.0 / scene.mm)[0]
+    )
     scene.paint(_soft_inside(y - skin, 0.3), 3.0)
     fat = (y >= skin) & (y < fat_bottom[None, :])
     # Fat is hypoechoic with echogenic connective strands running roughly horizontally.
@@ -210,7 +219,7 @@ def _vessel(
     scene.specular += 0.3 * _band(r - 1.0, 0.5 * scene.mm / min(a, b))
 
 
-def _trachea(scene: _Scene, rng: np.random.Generator, cx: float, top: float, radius: float) -> None:
+def _trachea(scene: _Scene, cx: float, top: float, radius: float) -> None:
     """Cartilage ring, bright air interface, acoustic shadow and reverberations."""
     cy = top + radius
     r = np.hypot(scene.x - cx, scene.y - cy)
@@ -228,7 +237,6 @@ def _trachea(scene: _Scene, rng: np.random.Generator, cx: float, top: float, rad
     inside = np.abs(scene.x - cx) < air_radius * 0.9
     for k, level in ((2, 0.45), (3, 0.25), (4, 0.12)):
         scene.reverb += level * _band(scene.y - k * depth_of_interface, 0.9) * inside
-    _ = rng  # reverberation is deterministic given the geometry
 
 
 def _gland_texture(
@@ -360,9 +368,7 @@ def _deep_structures(scene: _Scene, rng: np.random.Generator, depth: float, cx: 
     scene.atten = np.where(scene.y > surface, scene.atten + 3.0 * span, scene.atten)
 
 
-def _transverse_lobe(
-    scene: _Scene, rng: np.random.Generator, p: _Patient, left: bool
-) -> None:
+def _transverse_lobe(scene: _Scene, rng: np.random.Generator, p: _Patient, left: bool) -> None:
     """Transverse view of one lobe: trachea medially, carotid and jugular laterally.
 
     Built for the right lobe (trachea on the image right, as the patient's right is on
@@ -377,11 +383,11 @@ def _transverse_lobe(
     gland = _lobe_mask(scene, rng, p, cx, cy, a, b, angle=rng.uniform(-0.25, 0.1))
     # Sternocleidomastoid over the lateral part, above the carotid.
     scm = scene.ellipse(w * 0.12, p.skin_mm + p.fat_mm + 3.0, w * 0.3, 3.2, angle=0.12)
-    top_of_gland = np.where(gland.max(axis=0) > 0.5, np.argmax(gland > 0.5, axis=0) * scene.mm,
-                            top)
-    _layers(scene, rng, p, np.minimum(top_of_gland, top + 1.0))
-    scene.paint(_soft_inside(scm - 1.0, 0.05), _MUSCLE_DB + 2.0 * _smooth_field(
-        rng, scene.y.shape, 0.8 / scene.mm))
+    _layers(scene, rng, p, np.minimum(_top_edge(scene, gland, top), top + 1.0))
+    scene.paint(
+        _soft_inside(scm - 1.0, 0.05),
+        _MUSCLE_DB + 2.0 * _smooth_field(rng, scene.y.shape, 0.8 / scene.mm),
+    )
     # Longus colli: hypoechoic muscle behind the medial lobe.
     lc = scene.ellipse(cx + a * 0.5, cy + b + 3.5, 6.0, 3.0)
     scene.paint(_soft_inside(lc - 1.0, 0.1), _MUSCLE_DB - 1.0)
@@ -398,10 +404,18 @@ def _transverse_lobe(
     ccx = max(cx - a - carotid_r * 0.6, carotid_r + 0.5)
     _vessel(scene, ccx, cy + b * 0.25, carotid_r, carotid_r, 0.7, 6.0)
     if rng.random() < 0.7:  # the jugular is often compressed by the probe
-        _vessel(scene, max(ccx - carotid_r * 1.6, 1.0), cy - b * 0.25,
-                rng.uniform(3.0, 5.0), rng.uniform(1.0, 2.5), 0.3, 2.0)
-    _trachea(scene, rng, cx + a + rng.uniform(8.5, 10.5), top - 0.5 + rng.uniform(0, 1.5),
-             rng.uniform(9.0, 11.0))
+        _vessel(
+            scene,
+            max(ccx - carotid_r * 1.6, 1.0),
+            cy - b * 0.25,
+            rng.uniform(3.0, 5.0),
+            rng.uniform(1.0, 2.5),
+            0.3,
+            2.0,
+        )
+    trachea_radius = rng.uniform(9.0, 11.0)
+    trachea_top = top - 0.5 + rng.uniform(0, 1.5)
+    _trachea(scene, cx + a + rng.uniform(8.5, 10.5), trachea_top, trachea_radius)
 
 
 def _longitudinal_lobe(scene: _Scene, rng: np.random.Generator, p: _Patient) -> None:
@@ -415,9 +429,7 @@ def _longitudinal_lobe(scene: _Scene, rng: np.random.Generator, p: _Patient) -> 
     gland = _lobe_mask(
         scene, rng, p, cx, cy, a, b, angle=rng.uniform(-0.12, 0.12), taper=rng.uniform(0.1, 0.3)
     )
-    top_of_gland = np.where(gland.max(axis=0) > 0.5, np.argmax(gland > 0.5, axis=0) * scene.mm,
-                            top + 2.0)
-    _layers(scene, rng, p, top_of_gland)
+    _layers(scene, rng, p, _top_edge(scene, gland, top + 2.0))
     # Longus colli as a band behind the gland.
     lc_top = cy + b + rng.uniform(0.5, 2.0)
     band = (scene.y > lc_top) & (scene.y < lc_top + rng.uniform(3.0, 5.0))
@@ -445,16 +457,22 @@ def _isthmus(scene: _Scene, rng: np.random.Generator, p: _Patient) -> None:
         lx = tx + side * (radius + rng.uniform(5.0, 8.0) * scale)
         lobes = np.maximum(
             lobes,
-            _lobe_mask(scene, rng, p, lx, ty + 1.0, 8.0 * scale, 7.0 * scale,
-                       angle=side * rng.uniform(0.1, 0.3)),
+            _lobe_mask(
+                scene,
+                rng,
+                p,
+                lx,
+                ty + 1.0,
+                8.0 * scale,
+                7.0 * scale,
+                angle=side * rng.uniform(0.1, 0.3),
+            ),
         )
     gland = np.maximum(isthmus, lobes)
-    top_of_gland = np.where(gland.max(axis=0) > 0.5, np.argmax(gland > 0.5, axis=0) * scene.mm,
-                            top)
-    _layers(scene, rng, p, np.minimum(top_of_gland, top + 1.0))
+    _layers(scene, rng, p, np.minimum(_top_edge(scene, gland, top), top + 1.0))
     _deep_structures(scene, rng, ty + radius + rng.uniform(3, 6), tx)
     _paint_gland(scene, rng, p, gland)
-    _trachea(scene, rng, tx, trachea_top, radius)
+    _trachea(scene, tx, trachea_top, radius)
 
 
 def _render(scene: _Scene, rng: np.random.Generator, p: _Patient) -> np.ndarray:
@@ -496,9 +514,7 @@ def _render(scene: _Scene, rng: np.random.Generator, p: _Patient) -> np.ndarray:
     return np.round(255.0 * level**p.grey_gamma).astype(np.uint8)
 
 
-def _synth_view(
-    rng: np.random.Generator, p: _Patient, view: str, size: int
-) -> SynthImage:
+def _synth_view(rng: np.random.Generator, p: _Patient, view: str, size: int) -> SynthImage:
     scene = _Scene(size, p.depth_mm * rng.uniform(0.97, 1.03))
     # Deep soft tissue is not uniform: fascia, fat and small vessels vary its echogenicity.
     scene.refl += 2.5 * _smooth_field(rng, (size, size), (1.0 / scene.mm, 3.0 / scene.mm))

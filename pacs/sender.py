@@ -90,8 +90,11 @@ def send_files(
     datasets: list[tuple[Path, pydicom.Dataset]] = []
     for path in files:
         try:
-            datasets.append((path, pydicom.dcmread(path)))
-        except (InvalidDicomError, OSError, ValueError) as exc:
+            ds = pydicom.dcmread(path)
+            if "SOPClassUID" not in ds or "TransferSyntaxUID" not in ds.file_meta:
+                raise ValueError("no SOP Class UID or transfer syntax")
+            datasets.append((path, ds))
+        except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
             report.failed.append((path, f"not DICOM: {exc}"))
             if on_progress:
                 on_progress(path, None)

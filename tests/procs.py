@@ -30,7 +30,8 @@ def wait_for(
         if predicate():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    detail = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {detail}")
 
 
 def port_open(port: int) -> bool:

@@ -5,46 +5,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
+from tests.db_fixtures import fresh_postgres_url, postgres_unavailable_reason
 from tests.procs import ROOT
-
-PG_ADMIN_URL = os.environ.get(
-    "THYROCAD_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
-
-
-def _pg_available() -> str | None:
-    try:
-        with sa.create_engine(PG_ADMIN_URL).connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-        return str(exc).splitlines()[0]
-    return None
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A throwaway PostgreSQL database, dropped after the test."""
-    problem = _pg_available()
+    problem = postgres_unavailable_reason()
     if problem:
-        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required: {problem}")
-    name = f"thyrocad_t_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+        pytest.fail(f"PostgreSQL is required for integration tests: {problem}")
+    with fresh_postgres_url() as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def cli(

@@ -27,7 +27,7 @@ from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("predicted", "rejected", "failed")
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Pipeline:
     def states(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT state, count(*) FROM instances GROUP BY state"))
-            return dict(rows)
+            return {state: int(n) for state, n in rows.tuples()}
 
     def scalar(self, sql: str) -> object:
         with self.engine.connect() as conn:
@@ -118,6 +118,23 @@ def pipeline(tmp_path: Path, pg_url: str, tiny_model: tuple[Path, str]) -> Itera
             p.engine.dispose()
 
 
+def send_raw(files: list[Path], peer: Peer, calling: str) -> list[int]:
+    """C-STORE files byte for byte (the SCU does not parse them); return the statuses."""
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(US_IMAGE_STORAGE)
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(path).Status) for path in files]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
 def synthetic(tmp_path: Path, patients: int, seed: int) -> list[Path]:
     written = write_synthetic_set(
         tmp_path / f"studies-{seed}", patients, seed=seed, size=64, id_prefix=f"S{seed}"
@@ -153,7 +170,7 @@ def test_studies_flow_to_results_and_views(pipeline: Pipeline, tmp_path: Path) -
     wait_for(
         lambda: pipeline.states().get("predicted", 0) == total,
         120,
-        f"{total} predicted instances ({pipeline.states()})\n{pipeline.logs()}",
+        lambda: f"{total} predicted instances ({pipeline.states()})\n{pipeline.logs()}",
     )
     wait_for(
         lambda: pipeline.scalar("SELECT count(*) FROM study_results_latest") == 5,
@@ -182,7 +199,7 @@ def test_killed_worker_loses_nothing_and_predicts_once(pipeline: Pipeline, tmp_p
     wait_for(
         lambda: pipeline.states().get("predicted", 0) == len(files),
         180,
-        f"all predicted after the restart ({pipeline.states()})\n{pipeline.logs()}",
+        lambda: f"all predicted after the restart ({pipeline.states()})\n{pipeline.logs()}",
     )
     duplicates = pipeline.scalar(
         "SELECT count(*) FROM (SELECT instance_id, frame_index, model_version FROM predictions "
@@ -210,7 +227,7 @@ def test_redis_outage_loses_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
     wait_for(
         lambda: pipeline.states().get("predicted", 0) == total,
         180,
-        f"all {total} predicted after Redis returned ({pipeline.states()})\n{pipeline.logs()}",
+        lambda: f"all {total} predicted after Redis returned ({pipeline.states()})\n{pipeline.logs()}",
     )
 
 
@@ -219,10 +236,9 @@ def test_bad_input_is_refused_with_reason_and_service_survives(
 ) -> None:
     pipeline.start("listener")
     good = synthetic(tmp_path, 1, seed=41)
-    # Garbage after a valid file meta header: the SCP gets bytes it cannot parse.
+    # Garbage after a valid file meta header, sent as raw bytes (never decoded by the SCU).
     garbage = tmp_path / "garbage.dcm"
-    ds = pydicom.dcmread(good[0])
-    ds.save_as(garbage, enforce_file_format=True)
+    pydicom.dcmread(good[0]).save_as(garbage, enforce_file_format=True)
     raw = garbage.read_bytes()
     meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
     garbage.write_bytes(raw[:meta_end] + os.urandom(2000))
@@ -230,16 +246,23 @@ def test_bad_input_is_refused_with_reason_and_service_survives(
     ds2 = pydicom.dcmread(good[1])
     del ds2.PixelData
     ds2.save_as(nopix, enforce_file_format=True)
-    report = send_files([garbage, nopix, *good], pipeline.peer(), "MODALITY1")
-    failed = dict(report.failed)
-    assert set(failed) == {garbage, nopix}
-    assert "0xA900" in failed[nopix] or "0xC000" in failed[nopix]
-    assert len(report.sent) == len(good)
+    # A CT image inside an ultrasound presentation context.
+    wrong = tmp_path / "ct.dcm"
+    ds3 = pydicom.dcmread(good[2])
+    ds3.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds3.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
+    ds3.save_as(wrong)
+    statuses = send_raw([garbage, nopix, wrong], pipeline.peer(), "MODALITY1")
+    assert statuses == [0xC000, 0xA900, 0x0122]
+    report = send_files(good, pipeline.peer(), "MODALITY1")
+    assert report.ok, "the listener keeps accepting good instances after bad ones"
     wait_for(
-        lambda: pipeline.scalar("SELECT count(*) FROM rejections") == 2, 30, "2 stored rejections"
+        lambda: pipeline.scalar("SELECT count(*) FROM rejections") == 3, 30, "3 stored rejections"
     )
-    reasons = pipeline.scalar("SELECT string_agg(reason, ' | ') FROM rejections")
-    assert "no pixel data" in str(reasons)
+    reasons = str(pipeline.scalar("SELECT string_agg(reason, ' | ') FROM rejections"))
+    assert "not a DICOM dataset" in reasons
+    assert "no pixel data" in reasons
+    assert "not an ultrasound" in reasons
     # An unknown calling AE title is refused at association when an allow-list is set.
     pipeline.kill("listener")
     pipeline.env["THYROCAD_ALLOWED_AETS"] = "MODALITY1"

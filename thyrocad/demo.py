@@ -86,9 +86,9 @@ def _ensure_model(
         version = train(
             s, loaded.images, loaded.labels, loaded.patient_ids, weights="none", **kwargs
         )
-    from thyrocad.cli import _promote
+    from thyrocad.learning import promote_version
 
-    _promote(s, version, s.registry_dir)
+    promote_version(s, version, s.registry_dir)
     say(f"trained and promoted {version}")
 
 
@@ -116,8 +116,9 @@ def run_demo(
     studies_dir = s.data_dir / "demo-studies"
     cohort = write_synthetic_set(studies_dir, patients, seed=2, size=input_size, id_prefix="DEM")
     deadline = time.monotonic() + timeout
-    sup = Supervisor(s)
+    sup = Supervisor(s, log_dir=s.data_dir / "logs")
     sup.start()
+    say(f"embedded pipeline started (logs in {sup.log_dir})")
     try:
         _wait_for_listener(s, deadline)
         files = list(iter_dicom_files([studies_dir]))

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from thyrocad.settings import Settings
 
@@ -81,6 +82,8 @@ class Supervisor:
 
     settings: Settings
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # When set, each process writes to <log_dir>/<name>.log instead of the terminal.
+    log_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self) -> None:
@@ -91,7 +94,13 @@ class Supervisor:
             child_env = dict(env)
             if base_port:
                 child_env["THYROCAD_METRICS_PORT"] = str(base_port + offset)
-            self.processes[name] = subprocess.Popen(argv, env=child_env)
+            out = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+            self.processes[name] = subprocess.Popen(
+                argv, env=child_env, stdout=out, stderr=subprocess.STDOUT if out else None
+            )
             logger.info("started %s", name, extra={"pid": self.processes[name].pid})
 
     def poll(self) -> str | None:

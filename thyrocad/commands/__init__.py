@@ -1,0 +1,1 @@
+"""The command modules of the ``thyrocad`` CLI, one per concern."""

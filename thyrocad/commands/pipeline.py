@@ -1,0 +1,274 @@
+"""Pipeline commands: database, listener, workers, sending, results, status, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from thyrocad.commands.common import console, ensure_schema, err, fail, progress, sessions, settings
+
+app = typer.Typer()
+db_app = typer.Typer(help="Database schema and roles.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the database migrations."""
+    from db.engine import upgrade
+
+    s = settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.db_url, revision)
+    console.print("database at", revision)
+
+
+@db_app.command("reader-role")
+def db_reader_role(
+    role: str = "thyrocad_reader",
+    password: Annotated[str | None, typer.Option(help="LOGIN password for the role.")] = None,
+) -> None:
+    """Create a read-only PostgreSQL role that can query the result views only."""
+    from db.engine import make_engine
+    from db.roles import create_readonly_role
+
+    try:
+        for statement in create_readonly_role(make_engine(settings().db_url), role, password):
+            console.print(
+                statement if "PASSWORD" not in statement else "CREATE ROLE … PASSWORD '***'"
+            )
+    except Exception as exc:
+        raise fail(str(exc)) from exc
+
+
+@app.command()
+def serve(
+    embedded: Annotated[
+        bool, typer.Option(help="Also run workers and beat as local processes.")
+    ] = False,
+) -> None:
+    """Run the DICOM listener (with --embedded: the whole pipeline)."""
+    import signal
+    import threading
+
+    s = settings()
+    ensure_schema(s)
+    if embedded:
+        from thyrocad.embedded import Supervisor
+
+        sup = Supervisor(s)
+        sup.start()
+        console.print(
+            f"thyrocad embedded: {s.ae_title} on port {s.port}, data in {s.data_dir} (Ctrl-C stops)"
+        )
+        raise typer.Exit(sup.wait())
+    from thyrocad.serve import start_service
+
+    service = start_service(s)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated: inference,aggregation,training,maintenance")
+    ] = "inference,aggregation,training,maintenance",
+    pool: Annotated[str, typer.Option(help="prefork, solo or threads")] = "prefork",
+    concurrency: int = 1,
+    name: str = "worker",
+) -> None:
+    """Run a Celery worker (any number, on any machine)."""
+    from worker.app import create_app
+
+    s = settings()
+    ensure_schema(s)
+    celery = create_app(s)
+    celery.worker_main(
+        [
+            "worker",
+            "--queues",
+            queues,
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel",
+            s.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def beat() -> None:
+    """Run the scheduler (exactly one per deployment)."""
+    from worker.app import create_app
+
+    s = settings()
+    ensure_schema(s)
+    celery = create_app(s)
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    celery.start(
+        ["beat", "--schedule", str(s.data_dir / "beat-schedule"), "--loglevel", s.log_level]
+    )
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursed).")],
+    to: Annotated[str, typer.Option(help="HOST:PORT of the receiver.")],
+    aet: Annotated[str, typer.Option(help="Called AE title.")] = "THYROCAD",
+    calling: Annotated[str, typer.Option(help="Our AE title.")] = "THYROCAD-SCU",
+) -> None:
+    """Send DICOM files with C-STORE, with a progress bar."""
+    from pacs.errors import SendError
+    from pacs.sender import Peer, iter_dicom_files, send_files
+
+    try:
+        peer = Peer.parse(to, aet)
+        files = list(iter_dicom_files(paths))
+    except (ValueError, SendError) as exc:
+        raise fail(str(exc)) from exc
+    with progress() as bar:
+        task = bar.add_task(
+            f"C-STORE → {peer.ae_title}@{peer.host}:{peer.port}", total=len(files), info=""
+        )
+        try:
+            report = send_files(files, peer, calling, on_progress=lambda p, st: bar.advance(task))
+        except SendError as exc:
+            raise fail(str(exc)) from exc
+    for path, reason in report.failed:
+        err.print(f"[red]failed[/] {path}: {reason}")
+    console.print(f"sent {len(report.sent)}, failed {len(report.failed)}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    patient: Annotated[str | None, typer.Option(help="Patient ID.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Latest study and patient results."""
+    from db import repository
+
+    with sessions(settings())() as session:
+        rows = repository.results(session, patient_key=patient, study_uid=study)
+    data = [_result_dict(r) for r in rows]
+    if json_out:
+        console.print_json(json.dumps(data, default=str))
+        return
+    table = Table(
+        "level", "patient / study", "diagnosis", "probability", "images", "revision", "model"
+    )
+    for r in data:
+        table.add_row(
+            r["level"],
+            r["key"],
+            r["label"],
+            f"{r['probability']:.3f}",
+            str(r["image_count"]),
+            str(r["revision"]),
+            r["model_version"],
+        )
+    console.print(table)
+
+
+def _result_dict(r: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(r)
+
+
+@app.command()
+def status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Instances by state, queue depth, active model."""
+    from db import repository
+    from worker.app import create_app, queue_depths
+
+    s = settings()
+    with sessions(s)() as session:
+        counts = repository.instance_counts(session)
+        rejected = repository.rejection_counts(session)
+        active = repository.active_model(session)
+    try:
+        depths = queue_depths(create_app(s))
+    except Exception as exc:
+        depths = {"error": str(exc)}  # type: ignore[dict-item]
+    data = {
+        "instances": counts,
+        "rejections": rejected,
+        "queues": depths,
+        "active_model": active.version if active else None,
+    }
+    if json_out:
+        console.print_json(json.dumps(data))
+        return
+    table = Table("what", "count")
+    for state, n in sorted(counts.items()):
+        table.add_row(f"instances {state}", str(n))
+    for reason, n in sorted(rejected.items()):
+        table.add_row(f"refused: {reason}", str(n))
+    for q, n in depths.items():
+        table.add_row(f"queue {q}", str(n))
+    console.print(table)
+    console.print(f"active model: {data['active_model'] or 'none'}")
+
+
+@app.command()
+def demo(
+    patients: Annotated[
+        int, typer.Option(help="Synthetic patients pushed through the pipeline.")
+    ] = 8,
+    train_patients: int = 40,
+    input_size: Annotated[int, typer.Option(help="Model input size for the quick model.")] = 128,
+    epochs: int = 30,
+    timeout: float = 600.0,
+) -> None:
+    """Synthetic studies → quick model → embedded pipeline → C-STORE → per-patient table."""
+    from thyrocad.commands.models import train_and_register
+    from thyrocad.demo import run_demo
+
+    try:
+        rows = run_demo(
+            settings(),
+            patients=patients,
+            train_patients=train_patients,
+            input_size=input_size,
+            epochs=epochs,
+            timeout=timeout,
+            say=err.print,
+            train=train_and_register,
+        )
+    except (TimeoutError, RuntimeError) as exc:
+        raise fail(str(exc)) from exc
+    table = Table(
+        "patient",
+        "true",
+        "predicted",
+        "P(autoimmune)",
+        "images",
+        title="demo results (synthetic data)",
+    )
+    for row in rows:
+        table.add_row(
+            row.patient_id, row.truth, row.predicted, f"{row.probability:.3f}", str(row.images)
+        )
+    console.print(table)
+    correct = sum(r.truth == r.predicted for r in rows)
+    console.print(f"{correct}/{len(rows)} patients classified correctly")

@@ -227,7 +227,9 @@ def test_redis_outage_loses_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
     wait_for(
         lambda: pipeline.states().get("predicted", 0) == total,
         180,
-        lambda: f"all {total} predicted after Redis returned ({pipeline.states()})\n{pipeline.logs()}",
+        lambda: (
+            f"all {total} predicted after Redis returned ({pipeline.states()})\n{pipeline.logs()}"
+        ),
     )
 
 
@@ -272,3 +274,56 @@ def test_bad_input_is_refused_with_reason_and_service_survives(
     with pytest.raises(SendError, match="rejected"):
         send_files(good[:1], pipeline.peer(), "STRANGER")
     assert send_files(good[:1], pipeline.peer(), "MODALITY1").ok
+
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def real_ultrasound_files() -> list[Path]:
+    """Every ultrasound file pydicom and pydicom-data ship."""
+    from pydicom.data import get_testdata_files
+
+    found = []
+    for name in get_testdata_files("*"):
+        try:
+            if pydicom.dcmread(name, stop_before_pixels=True).get("Modality") == "US":
+                found.append(Path(name))
+        except Exception:  # noqa: BLE001 - non-DICOM test files sit beside them
+            continue
+    return found
+
+
+def test_real_files_end_predicted_or_rejected_with_reason(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    from thyrocad.ddti import read_crops, wrap_as_dicom
+
+    files = real_ultrasound_files()
+    assert len(files) >= 16, (
+        "pydicom-data's ultrasound files are required (pip install pydicom-data)"
+    )
+    if not (SHARED_DATA / "ddti").is_dir():
+        pytest.skip(f"the shared DDTI data is absent at {SHARED_DATA / 'ddti'} (present in CI)")
+    crops = [c for c in read_crops(SHARED_DATA / "ddti") if c.case in {"1", "2", "3", "4"}]
+    files += wrap_as_dicom(crops, tmp_path / "ddti")
+    pipeline.start()
+    report = send_files(files, pipeline.peer(), "MODALITY1")
+    for path, reason in report.failed:
+        assert reason, f"{path.name} refused without a reason"
+    received = pipeline.scalar("SELECT count(DISTINCT sop_instance_uid) FROM instances")
+
+    def settled() -> bool:
+        states = pipeline.states()
+        return sum(states.get(s, 0) for s in ("predicted", "rejected", "failed")) == received
+
+    wait_for(
+        lambda: pipeline.scalar("SELECT count(*) FROM instances") == received, 60, "registration"
+    )
+    wait_for(
+        settled, 240, lambda: f"every instance settled ({pipeline.states()})\n{pipeline.logs()}"
+    )
+    unexplained = pipeline.scalar(
+        "SELECT count(*) FROM instances WHERE state <> 'predicted' AND coalesce(reason, '') = ''"
+    )
+    assert unexplained == 0
+    assert pipeline.states().get("predicted", 0) >= len(crops)

@@ -148,7 +148,7 @@ def start_listener(
 ) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (call ``shutdown()``)."""
     ae = make_ae(config)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, _set_nodelay),
@@ -156,6 +156,7 @@ def start_listener(
         (evt.EVT_REJECTED, lambda event: intake.association("refused")),
     ]
     server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
+    assert server is not None  # non-blocking start always returns the server
     logger.info(
         "listening",
         extra={"ae_title": config.ae_title, "host": config.host, "port": config.port},

@@ -90,10 +90,10 @@ def send_files(
     datasets: list[tuple[Path, pydicom.Dataset]] = []
     for path in files:
         try:
-            ds = pydicom.dcmread(path)
-            if "SOPClassUID" not in ds or "TransferSyntaxUID" not in ds.file_meta:
+            parsed = pydicom.dcmread(path)
+            if "SOPClassUID" not in parsed or "TransferSyntaxUID" not in parsed.file_meta:
                 raise ValueError("no SOP Class UID or transfer syntax")
-            datasets.append((path, ds))
+            datasets.append((path, parsed))
         except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
             report.failed.append((path, f"not DICOM: {exc}"))
             if on_progress:

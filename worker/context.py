@@ -55,6 +55,14 @@ class WorkerContext:
 
 _lock = threading.Lock()
 _context: WorkerContext | None = None
+Observer = Callable[[str, dict[str, Any]], None]
+_observer_factory: Callable[[WorkerContext], Observer] | None = None
+
+
+def set_observer_factory(factory: Callable[[WorkerContext], Observer] | None) -> None:
+    """Give every context made from now on an observer (the worker command: metrics)."""
+    global _observer_factory
+    _observer_factory = factory
 
 
 def get_context() -> WorkerContext:
@@ -64,6 +72,8 @@ def get_context() -> WorkerContext:
         if _context is None:
             settings = getattr(current_app.conf, "thyrocad_settings", None) or load_settings()
             _context = WorkerContext.from_settings(settings)
+            if _observer_factory is not None:
+                _context.observe = _observer_factory(_context)
         return _context
 
 

@@ -15,6 +15,8 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from db.records import ClaimedInstance, PredictionRecord
 from pacs.errors import PixelError, SpoolError
 from pacs.pixels import FrameImage, images_from_file
 from worker.context import WorkerContext
+
+if TYPE_CHECKING:
+    from models.classifier import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class BatchOutcome:
     predicted: int = 0
     rejected: int = 0
     batches: int = 0
+    model_changed: bool = False
 
 
 def claim(ctx: WorkerContext, limit: int, token: str) -> list[ClaimedInstance]:
@@ -75,7 +81,7 @@ def decode(
     """Decode claimed instances in parallel; undecodable ones come back with a reason."""
 
     def one(item: ClaimedInstance) -> list[FrameImage]:
-        return images_from_file(item.spool_path, size, ctx.frame_policy)
+        return images_from_file(Path(item.spool_path), size, ctx.frame_policy)
 
     frames: list[tuple[ClaimedInstance, FrameImage]] = []
     failed: list[tuple[ClaimedInstance, str]] = []
@@ -100,71 +106,102 @@ def _claim_and_decode(
     return DecodedBatch(token, frames, failed, time.monotonic())
 
 
-def predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classes: tuple[str, ...]) -> int:
-    """Run the active model on a decoded batch and upsert its predictions."""
-    settings = ctx.settings
+def predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Classifier) -> int:
+    """Run ``classifier`` on a decoded batch and upsert its predictions."""
     with ctx.sessions.begin() as session:
         for item, reason in batch.failed:
-            repository.mark_rejected(session, item.instance_id, reason, utcnow())
+            repository.mark_rejected(session, item.instance_id, reason, utcnow(), token=batch.token)
     if not batch.frames:
         return 0
-    with ctx.sessions() as session:
-        active = repository.active_model(session)
-    classifier = ctx.models.get(active)
     pixels = np.stack([frame.pixels for _, frame in batch.frames])
     started = time.perf_counter()
     probabilities = classifier.predict(pixels)
-    latency_ms = (time.perf_counter() - started) * 1000.0 / len(pixels)
-    positive = classifier.classes.index(settings.positive_class)
-    records = []
-    for (item, frame), probs in zip(batch.frames, probabilities, strict=True):
-        records.append(
-            PredictionRecord(
-                instance_id=item.instance_id,
-                frame_index=frame.frame_index,
-                model_version=classifier.version,
-                label=classifier.classes[int(np.argmax(probs))],
-                probability=float(probs[positive]),
-                probabilities={c: float(p) for c, p in zip(classifier.classes, probs, strict=True)},
-                latency_ms=latency_ms,
-            )
+    seconds = time.perf_counter() - started
+    positive = classifier.classes.index(ctx.settings.positive_class)
+    records = [
+        PredictionRecord(
+            instance_id=item.instance_id,
+            frame_index=frame.frame_index,
+            model_version=classifier.version,
+            label=classifier.classes[int(np.argmax(probs))],
+            probability=float(probs[positive]),
+            probabilities={c: float(p) for c, p in zip(classifier.classes, probs, strict=True)},
+            latency_ms=seconds * 1000.0 / len(pixels),
         )
+        for (item, frame), probs in zip(batch.frames, probabilities, strict=True)
+    ]
     with ctx.sessions.begin() as session:
         applied = repository.save_predictions(session, records, batch.token, utcnow())
-    ctx.observe(
-        "batch",
-        {"size": len(pixels), "seconds": latency_ms * len(pixels) / 1000.0, "records": records},
-    )
+    ctx.observe("batch", {"size": len(pixels), "seconds": seconds, "records": records})
     return applied
 
 
-def run_inference(ctx: WorkerContext, max_batches: int | None = None) -> BatchOutcome:
-    """Drain pending instances batch by batch, decoding the next while predicting this one."""
+def _active_classifier(ctx: WorkerContext) -> Classifier:
     with ctx.sessions() as session:
         active = repository.active_model(session)
-    classifier = ctx.models.get(active)
+    return ctx.models.get(active)
+
+
+def _release(ctx: WorkerContext, batch: DecodedBatch | None) -> None:
+    if batch is None:
+        return
+    ids = sorted(
+        {item.instance_id for item, _ in batch.frames} | {i.instance_id for i, _ in batch.failed}
+    )
+    with ctx.sessions.begin() as session:
+        repository.release_claim(session, ids, batch.token, utcnow())
+
+
+def run_inference(ctx: WorkerContext, max_batches: int | None = None) -> BatchOutcome:
+    """Drain pending instances batch by batch, decoding the next while predicting this one.
+
+    Stops early (``model_changed``) when another version is promoted meanwhile, so
+    the caller starts again with the new model; on any error the claimed but
+    unpredicted instances are released for another attempt.
+    """
+    classifier = _active_classifier(ctx)
     size, limit = classifier.input_size, ctx.settings.batch_max
     predicted = rejected = batches = 0
-    with ThreadPoolExecutor(max_workers=max(1, ctx.settings.decode_threads)) as pool:
-        prefetch = ThreadPoolExecutor(max_workers=1)
+    with (
+        ThreadPoolExecutor(max_workers=max(1, ctx.settings.decode_threads)) as pool,
+        ThreadPoolExecutor(max_workers=1) as prefetch,
+    ):
+        nxt: Future[DecodedBatch | None] = prefetch.submit(
+            _claim_and_decode, ctx, pool, size, limit
+        )
+        batch: DecodedBatch | None = None
         try:
-            nxt: Future[DecodedBatch | None] = prefetch.submit(
-                _claim_and_decode, ctx, pool, size, limit
-            )
-            while True:
-                batch = nxt.result()
-                if batch is None:
-                    break
+            while (batch := nxt.result()) is not None:
                 batches += 1
-                if max_batches is None or batches < max_batches:
-                    nxt = prefetch.submit(_claim_and_decode, ctx, pool, size, limit)
-                else:
-                    nxt = _done(None)
-                predicted += predict_and_store(ctx, batch, classifier.classes)
+                more = max_batches is None or batches < max_batches
+                nxt = (
+                    prefetch.submit(_claim_and_decode, ctx, pool, size, limit)
+                    if more
+                    else _done(None)
+                )
+                if _active_classifier(ctx).version != classifier.version:
+                    _release(ctx, batch)
+                    _release(ctx, nxt.result())
+                    return BatchOutcome(predicted, rejected, batches, model_changed=True)
+                predicted += predict_and_store(ctx, batch, classifier)
                 rejected += len(batch.failed)
-        finally:
-            prefetch.shutdown(wait=True)
+                batch = None
+        except BaseException:
+            _release(ctx, batch)
+            _release(ctx, _settle(nxt))
+            raise
     return BatchOutcome(predicted=predicted, rejected=rejected, batches=batches)
+
+
+def _settle(future: Future[DecodedBatch | None]) -> DecodedBatch | None:
+    """The prefetched batch if it was (or is being) claimed; None if it never started."""
+    if not future.done() and future.cancel():
+        return None
+    try:
+        return future.result()
+    except Exception:  # its own claims expire with their lease
+        logger.exception("prefetch failed while handling another error")
+        return None
 
 
 def _done(value: DecodedBatch | None) -> Future[DecodedBatch | None]:

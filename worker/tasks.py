@@ -36,6 +36,8 @@ def infer(self, instance_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
         outcome = run_inference(ctx)
+        while outcome.model_changed:  # a promotion landed mid-drain: go on with the new model
+            outcome = run_inference(ctx)
     except NoActiveModel as exc:
         # Not a failure of these instances: they stay queued until a promotion.
         logger.warning("%s", exc)

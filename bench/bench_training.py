@@ -53,9 +53,9 @@ def machine() -> str:
 
 
 def synthetic(n_images: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """Speckle-like uint8 images, five per patient, two classes by patient."""
+    """Speckle-like uint8 images, five per patient (so about n_images), two classes."""
     rng = np.random.default_rng(seed)
-    n_patients = max(4, n_images // PER_PATIENT)
+    n_patients = max(4, -(-n_images // PER_PATIENT))
     images, labels, patients = [], [], []
     for p in range(n_patients):
         label = "autoimmune" if p % 2 else "normal"
@@ -65,7 +65,7 @@ def synthetic(n_images: int, size: int, seed: int) -> tuple[np.ndarray, list[str
             images.append(np.clip(speckle, 0, 255).astype(np.uint8))
             labels.append(label)
             patients.append(f"B{p:04d}")
-    return np.stack(images[:n_images]), labels[:n_images], patients[:n_images]
+    return np.stack(images), labels, patients
 
 
 def timed_train(
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny configuration (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.images, args.epochs, args.uncached_epochs = 32, 20, 3, 2
+        args.size, args.images, args.epochs, args.uncached_epochs = 32, 20, 2, 2
     if args.uncached_epochs < 2:
         parser.error("--uncached-epochs must be >= 2 (the first epoch includes tracing)")
 

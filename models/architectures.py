@@ -249,12 +249,16 @@ def make_optimizer(arch: str) -> Any:
     return keras.optimizers.RMSprop(learning_rate=spec.learning_rate)
 
 
-def compile_for(model: Any, arch: str) -> Any:
-    """Compile ``model`` with ``arch``'s optimizer, categorical cross-entropy and accuracy."""
+def compile_for(model: Any, arch: str, jit_compile: bool | str = "auto") -> Any:
+    """Compile ``model`` with ``arch``'s optimizer, categorical cross-entropy and accuracy.
+
+    ``jit_compile`` is passed to Keras (``"auto"``: its default, no XLA on a CPU).
+    """
     model.compile(
         optimizer=make_optimizer(arch),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
     return model
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from thyrocad.commands import models, pipeline
+from thyrocad.commands import archive, learning, models, pipeline
 from thyrocad.commands.common import State, fail
 from thyrocad.logs import configure_logging
 from thyrocad.settings import load_settings
@@ -19,10 +19,11 @@ from thyrocad.settings import load_settings
 app = typer.Typer(
     help="thyrocad: thyroid ultrasound classification beside a PACS.", no_args_is_help=True
 )
-for module in (models, pipeline):
+for module in (models, pipeline, learning, archive):
     app.registered_commands += module.app.registered_commands
 app.add_typer(models.models_app, name="models")
 app.add_typer(pipeline.db_app, name="db")
+app.add_typer(learning.label_app, name="label")
 
 
 @app.callback()

@@ -54,6 +54,8 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Library warnings (Celery's, TensorFlow's) become log records too: one line each.
+    logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO: too chatty for an always-on service.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ the result down.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -54,8 +55,27 @@ class Settings(BaseSettings):
     requeue_interval_seconds: float = 30.0
     requeue_stale_seconds: float = 120.0
 
+    # Continuous learning: labels → scheduled refit → champion/challenger promotion
+    retrain_interval_seconds: float = Field(default=3600.0, ge=0)  # 0: no scheduled refit
+    retrain_min_new_patients: int = Field(default=10, ge=1)
+    retrain_epochs: int = Field(default=0, ge=0)  # 0: as many as the active model had
+    retrain_stale_seconds: float = Field(default=21600.0, gt=0)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    promote_auc_tolerance: float = Field(default=0.02, ge=0, le=1)
+    promote_min_sensitivity: float = Field(default=0.8, ge=0, le=1)
+
+    # The archive: backfill (query/retrieve) and Structured Reports back to the PACS
+    sr_destination: str = ""  # "AET@HOST:PORT"; empty sends no Structured Report
+    backfill_rate: float = 1.0  # retrieve requests per second; 0 = no limit
+    backfill_concurrency: int = Field(default=2, ge=1, le=16)
+    retrieve_timeout_seconds: float = 300.0  # an archive silent this long fails that request
+    backfill_wait_seconds: float = 3600.0  # how long a backfill waits for arrival/classification
+
     # Metrics
     metrics_port: int = 0  # 0 disables the metrics endpoint
+    metrics_host: str = "0.0.0.0"
+    # Where a prefork worker keeps its per-process metric files (default: the temp folder).
+    metrics_multiproc_dir: Path | None = None
 
     log_json: bool = False
     log_level: str = "INFO"
@@ -73,6 +93,14 @@ class Settings(BaseSettings):
         value = value.strip()
         if not value or len(value) > 16:
             raise ValueError("an AE title has 1 to 16 characters")
+        return value
+
+    @field_validator("sr_destination")
+    @classmethod
+    def _check_sr_destination(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[^@\s]{1,16}@[^:@\s]*:\d{1,5}", value):
+            raise ValueError("THYROCAD_SR_DESTINATION must look like AET@HOST:PORT")
         return value
 
     @model_validator(mode="after")

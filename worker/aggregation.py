@@ -91,4 +91,8 @@ def finalise_due(ctx: WorkerContext, now: dt.datetime | None = None) -> list[Fin
         if result is not None:
             done.append(result)
             ctx.observe("study_result", {"study": result.study})
+    if done and ctx.settings.sr_destination:
+        from worker.archive_tasks import queue_reports  # the SR hook; imports highdicom
+
+        queue_reports(ctx, [f.study for f in done])
     return done

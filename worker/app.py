@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import ChannelError
 
 from thyrocad.settings import Settings
 
@@ -75,6 +76,16 @@ def create_app(settings: Settings) -> Celery:
         },
     )
     app.conf.thyrocad_settings = settings
+    if settings.retrain_interval_seconds > 0:
+        # Cheap when there is nothing to do: the task skips until enough new labels exist.
+        app.conf.beat_schedule["retrain"] = {
+            "task": "thyrocad.retrain",
+            "schedule": timedelta(seconds=settings.retrain_interval_seconds),
+            "kwargs": {"trigger": "schedule"},
+            "options": {"expires": settings.retrain_interval_seconds},
+        }
+    import worker.archive_tasks  # noqa: F401  (Structured Reports: thyrocad.send_report)
+    import worker.learning_tasks  # noqa: F401  (continuous learning: thyrocad.retrain)
     import worker.tasks  # noqa: F401  (registers the shared tasks with this app)
 
     return app
@@ -88,6 +99,9 @@ def queue_depths(app: Celery) -> dict[str, int]:
         for name in QUEUES:
             try:
                 depths[name] = int(channel.queue_declare(name, passive=True).message_count)
+            except ChannelError:
+                # NOT_FOUND: Redis deletes an empty list, so an empty queue "does not exist".
+                depths[name] = 0
             except Exception:
                 depths[name] = -1
     return depths

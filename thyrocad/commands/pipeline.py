@@ -65,9 +65,16 @@ def serve(
             f"thyrocad embedded: {s.ae_title} on port {s.port}, data in {s.data_dir} (Ctrl-C stops)"
         )
         raise typer.Exit(sup.wait())
+    from thyrocad import metrics
+    from thyrocad.health import listener_collectors, start_health_server
     from thyrocad.serve import start_service
 
-    service = start_service(s)
+    service = start_service(s, metrics.observe_intake if s.metrics_port else None)
+    health = (
+        start_health_server(s, "listener", listener_collectors(s, service))
+        if s.metrics_port
+        else None
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -77,6 +84,8 @@ def serve(
         pass
     finally:
         service.stop()
+        if health is not None:
+            health.stop()
 
 
 @app.command()
@@ -93,9 +102,15 @@ def worker(
 
     s = settings()
     ensure_schema(s)
+    from thyrocad.health import start_worker_health
+
+    # Before the app: a prefork pool needs multiprocess metrics set up first.
+    start_worker_health(s, queues.split(","), pool)
     celery = create_app(s)
     celery.worker_main(
         [
+            # JSON logs stay one JSON object per line: no banner.
+            *(["--quiet"] if s.log_json else []),
             "worker",
             "--queues",
             queues,
@@ -120,10 +135,20 @@ def beat() -> None:
 
     s = settings()
     ensure_schema(s)
+    from thyrocad.health import start_beat_health
+
     celery = create_app(s)
     s.data_dir.mkdir(parents=True, exist_ok=True)
+    start_beat_health(s)
     celery.start(
-        ["beat", "--schedule", str(s.data_dir / "beat-schedule"), "--loglevel", s.log_level]
+        [
+            *(["--quiet"] if s.log_json else []),
+            "beat",
+            "--schedule",
+            str(s.data_dir / "beat-schedule"),
+            "--loglevel",
+            s.log_level,
+        ]
     )
 
 
@@ -164,17 +189,28 @@ def results(
     study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Latest study and patient results."""
+    """Latest study and patient results, with the Structured Reports sent for them."""
     from db import repository
+    from thyrocad.commands.archive import report_dicts, report_status
 
     with sessions(settings())() as session:
         rows = repository.results(session, patient_key=patient, study_uid=study)
+        sent = repository.sr_dispatches(session, [r.id for r in rows if r.level == "study"])
     data = [_result_dict(r) for r in rows]
+    for r in data:
+        r["reports"] = report_dicts(sent.get(r["id"], [])) if r["level"] == "study" else []
     if json_out:
         console.print_json(json.dumps(data, default=str))
         return
     table = Table(
-        "level", "patient / study", "diagnosis", "probability", "images", "revision", "model"
+        "level",
+        "patient / study",
+        "diagnosis",
+        "probability",
+        "images",
+        "revision",
+        "model",
+        "SR to PACS",
     )
     for r in data:
         table.add_row(
@@ -185,6 +221,7 @@ def results(
             str(r["image_count"]),
             str(r["revision"]),
             r["model_version"],
+            report_status(r["reports"]),
         )
     console.print(table)
 

@@ -348,10 +348,11 @@ def train(
 
     In: uint8 ``(N, S, S)`` images already at ``config.input_size``, one label (among
     ``config.classes``) and one patient id per image. Patients are split first
-    (stratified, seeded); augmentation touches the training side only. ``on_epoch(epoch,
-    metrics)`` is called after each epoch with ``loss``/``accuracy`` and, with a
-    validation split, ``val_loss``/``val_accuracy``. Out: the compiled full model,
-    history, test-set probabilities and the metadata a registry version needs.
+    (stratified, seeded); augmentation touches the training side only. ``on_epoch(done,
+    metrics)`` is called after each epoch (``done`` epochs so far, from 1) with
+    ``loss``/``accuracy``; with a validation split, ``val_loss``/``val_accuracy``. Out:
+    the compiled full model, history, test-set probabilities and the metadata a
+    registry version needs.
     """
     started = time.perf_counter()
     x_all = _check_inputs(images, labels, patient_ids, config)

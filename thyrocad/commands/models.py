@@ -139,7 +139,7 @@ def train_and_register(
 
         def on_epoch(epoch: int, logs: dict[str, float]) -> None:
             info = " ".join(f"{k}={v:.3f}" for k, v in logs.items())
-            bar.update(task, completed=epoch + 1, info=info)
+            bar.update(task, completed=epoch, info=info)
 
         trained = run(s, images, labels, patient_ids, on_epoch=on_epoch, **options)
     if trained.metrics:

@@ -161,11 +161,26 @@ def report(o: Outcome, args: argparse.Namespace) -> None:
         f"(368 x 312 grey screens around {args.size} px tissue, about 115 kB each)"
     )
     rows: list[list[object]] = [
-        ["bare compiled model (Classifier.predict), before", "", o.bare_before, o.bare_before / o.bare],
-        ["bare compiled model (Classifier.predict), after", "", o.bare_after, o.bare_after / o.bare],
+        [
+            "bare compiled model (Classifier.predict), before",
+            "",
+            o.bare_before,
+            o.bare_before / o.bare,
+        ],
+        [
+            "bare compiled model (Classifier.predict), after",
+            "",
+            o.bare_after,
+            o.bare_after / o.bare,
+        ],
         ["end to end: first C-STORE → last prediction", o.e2e_seconds, o.e2e_rate, o.ratio],
         ["  middle 80 % of the predictions", "", o.middle_rate, o.middle_rate / o.bare],
-        ["  sender done (last C-STORE acknowledged)", o.sent_seconds, o.instances / o.sent_seconds, ""],
+        [
+            "  sender done (last C-STORE acknowledged)",
+            o.sent_seconds,
+            o.instances / o.sent_seconds,
+            "",
+        ],
         [
             f"  worker's forward passes, summed ({o.batches} batches)",
             o.model_seconds,

@@ -71,7 +71,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     texts = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in texts)) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], int | float) for row in rows if row[i] != "")
+        for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
         parts = [
@@ -95,7 +98,9 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
     """Poll ``predicate`` until true; RuntimeError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +149,9 @@ def _screen_templates(kind: str, size: int, count: int, seed: int) -> list[np.nd
         for image in images:
             grey = image.pixels
             if kind == "rgb":
-                big = np.asarray(Image.fromarray(grey).resize((656, 512), Image.Resampling.BILINEAR))
+                big = np.asarray(
+                    Image.fromarray(grey).resize((656, 512), Image.Resampling.BILINEAR)
+                )
                 # A faint colour cast, as scanners store grey B-mode in RGB.
                 tissues.append(np.stack([big, big, (big * 0.95).astype(np.uint8)], axis=-1))
             else:
@@ -349,7 +356,9 @@ def register_model(arch: str, size: int, registry: Path, env: Mapping[str, str])
     saved = Registry(registry).save(
         model, {"architecture": arch, "classes": list(CLASSES), "input_size": size}
     )
-    settings = load_settings(database_url=env["DATABASE_URL"], data_dir=Path(env["THYROCAD_DATA_DIR"]))
+    settings = load_settings(
+        database_url=env["DATABASE_URL"], data_dir=Path(env["THYROCAD_DATA_DIR"])
+    )
     upgrade(settings.db_url)
     promote_version(settings, saved.version, registry)
     return saved.version
@@ -467,7 +476,10 @@ class Pipeline:
 
 @contextlib.contextmanager
 def pipeline(
-    workdir: Path, settings: Mapping[str, str] | None = None, *, model: tuple[str, int] | None = None
+    workdir: Path,
+    settings: Mapping[str, str] | None = None,
+    *,
+    model: tuple[str, int] | None = None,
 ) -> Iterator[Pipeline]:
     """A migrated throw-away database, a private Redis, and (started by the caller) the
     processes; with ``model=(arch, size)`` that model is registered and active."""

@@ -209,11 +209,20 @@ def _claim(
                 )
             train = tuple(img for img in images if img.patient_key not in holdout)
             held = tuple(img for img in images if img.patient_key in holdout)
+            try:
+                training = _training_parameters(s, active)
+            except RefitFailed as exc:
+                # Recorded, so that an operator sees why refits stopped happening.
+                run_id = store.start_run(session, {"trigger": trigger, "force": force}, now)
+                store.finish_run(session, run_id, "failed", str(exc), now, duration_s=0.0)
+                return RefitOutcome(
+                    "failed", str(exc), run_id=run_id, active_version=active.version
+                )
             parameters = {
                 "trigger": trigger,
                 "force": force,
                 "base_version": active.version,
-                **_training_parameters(s, active),
+                **training,
                 "holdout_fraction": s.holdout_fraction,
                 "promote_auc_tolerance": s.promote_auc_tolerance,
                 "promote_min_sensitivity": s.promote_min_sensitivity,
@@ -384,16 +393,26 @@ def _record(
     decision: Decision,
     extra: dict[str, Any],
     started: float,
-) -> str:
-    """Register the version and close the run in one transaction; return the outcome."""
+) -> tuple[str, Decision]:
+    """Register the version and close the run in one transaction; return the outcome
+    and the decision (a promotion is withdrawn if the active model changed meanwhile)."""
     from models.registry import Registry
 
     registry = Registry(Path(claimed.active.artifact_path).parent.parent)
     saved = registry.get(version)
     now = utcnow()
-    outcome = "promoted" if decision.promote else "candidate"
     sessions = make_session_factory(engine)
     with sessions.begin() as session:
+        current = repository.active_model(session)
+        if decision.promote and (current is None or current.version != claimed.active.version):
+            # Someone promoted or rolled back by hand meanwhile: that choice stands.
+            decision = Decision(
+                False,
+                f"not promoted: the active model changed to "
+                f"{current.version if current else 'none'} during the refit "
+                f"(compared with {claimed.active.version})",
+            )
+        outcome = "promoted" if decision.promote else "candidate"
         closed = store.finish_run(
             session,
             claimed.run_id,
@@ -433,7 +452,7 @@ def _record(
     if decision.promote:
         # The database is what workers serve from; the registry's own pointer follows.
         registry.promote(version)
-    return outcome
+    return outcome, decision
 
 
 def _fail(engine: Engine, claimed: _Claimed, reason: str, started: float) -> None:
@@ -477,7 +496,7 @@ def refit(
     base: dict[str, Any] = {"run_id": claimed.run_id, "active_version": claimed.active.version}
     try:
         version, metrics, decision, extra = _train_and_compare(s, claimed, on_epoch)
-        outcome = _record(engine, claimed, version, metrics, decision, extra, started)
+        outcome, decision = _record(engine, claimed, version, metrics, decision, extra, started)
     except (RefitFailed, ModelsError) as exc:
         # No usable data, an unreadable model: recorded with the reason, not retried.
         _fail(engine, claimed, str(exc), started)

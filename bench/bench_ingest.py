@@ -1,0 +1,224 @@
+"""Benchmark: ingest through thyrocad's listener vs dcmtk's storescp, 4 concurrent associations.
+
+Both receivers get the same files from the same client: four dcmtk ``storescu`` processes at
+once, one association each, 128 KiB PDUs, TCP_NODELAY=1 in every dcmtk environment. The
+images are 600 x 800 RGB ultrasound screens (1.44 MB each).
+
+- baseline: ``storescp --fork`` writing each file into a folder (dcmtk does not fsync);
+- thyrocad: ``thyrocad serve`` doing its real work: parse the header, spool with fsync
+  (file and folder), then on its intake thread register in PostgreSQL and publish a Celery
+  task to Redis. Its time runs from the first association to the later of the last
+  acknowledgement and the last instance registered and queued.
+
+The two receivers alternate over ``--repeats`` rounds, each round with new UIDs, and the
+medians are compared. Last, VGG-19's inference rate (compiled call, batch 32, 224 px) is
+measured in this process, since ingest must stay well ahead of inference.
+
+    python bench/bench_ingest.py                    # 400 instances x 3 rounds
+    python bench/bench_ingest.py --instances 1000 --repeats 5
+    python bench/bench_ingest.py --smoke            # tiny: proves the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    Pipeline,
+    dcmtk,
+    free_port,
+    machine,
+    median,
+    nodelay_env,
+    pipeline,
+    port_open,
+    stop_process,
+    storescu,
+    table,
+    wait_for,
+    wait_senders,
+    write_studies,
+)
+
+PER_STUDY = 5
+TARGET_VS_STORESCP = 0.5
+TARGET_VS_VGG19 = 10.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from ``/proc/<pid>/stat``."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def groups(studies: list[list[Path]], senders: int) -> list[list[Path]]:
+    """Whole studies dealt round-robin to ``senders`` associations."""
+    out: list[list[Path]] = [[] for _ in range(senders)]
+    for i, study in enumerate(studies):
+        out[i % senders].extend(study)
+    return [g for g in out if g]
+
+
+def send_all(files: list[list[Path]], port: int, called: str, log: Path) -> float:
+    """Seconds for all senders, started together, to finish."""
+    start = time.perf_counter()
+    wait_senders([storescu(group, port, called=called, log=log) for group in files], 1800)
+    return time.perf_counter() - start
+
+
+def to_storescp(files: list[list[Path]], workdir: Path) -> float:
+    out = workdir / "storescp-out"
+    out.mkdir()
+    port = free_port()
+    argv = [dcmtk("storescp"), "--fork", "-aet", "STORESCP", "-pdu", "131072"]
+    argv += ["-od", str(out), str(port)]
+    log = open(workdir / "storescp.log", "ab")  # noqa: SIM115 - the child owns it
+    server = subprocess.Popen(argv, env=nodelay_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: port_open(port), 10, "storescp to listen")
+        seconds = send_all(files, port, "STORESCP", workdir / "storescu-dcmtk.log")
+        received = sum(1 for _ in out.iterdir())
+        if received != sum(map(len, files)):
+            raise RuntimeError(f"storescp wrote {received} of {sum(map(len, files))} files")
+        return seconds
+    finally:
+        stop_process(server, 5)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def to_thyrocad(files: list[list[Path]], p: Pipeline, queued_before: int) -> tuple[float, float]:
+    """Seconds to the last acknowledgement, and to the last instance registered and queued."""
+    n = sum(map(len, files))
+    start = time.perf_counter()
+    acked = send_all(files, p.port, "THYROCAD", p.data_dir / "storescu.log")
+    p.wait_count(
+        "SELECT count(*) FROM instances WHERE state = 'queued'",
+        queued_before + n,
+        120,
+        "registration of every instance",
+    )
+    return acked, time.perf_counter() - start
+
+
+def vgg19_rate(size: int, batch: int, repeats: int) -> float:
+    """Images/s of VGG-19's compiled call (Classifier.predict) at ``batch``, random weights."""
+    import keras
+
+    from models.architectures import build_model
+    from models.classifier import Classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_model("vgg19", input_size=size, weights=None)
+    classifier = Classifier.from_model(model, "bench", "vgg19", ("autoimmune", "normal"), size)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
+    classifier.predict(images)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classifier.predict(images)
+        seconds.append(time.perf_counter() - start)
+    return batch / median(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=400, help="per round")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent associations")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per receiver")
+    parser.add_argument("--vgg-size", type=int, default=224)
+    parser.add_argument("--vgg-repeats", type=int, default=3, help="timed batches of 32")
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration (seconds)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.instances, args.repeats, args.vgg_size, args.vgg_repeats = 10, 1, 32, 2
+
+    n_studies = math.ceil(args.instances / PER_STUDY)
+    dcmtk_s: list[float] = []
+    ours_acked: list[float] = []
+    ours_done: list[float] = []
+    listener_cpu: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        with pipeline(workdir) as p:
+            p.start("listener")
+            pid = p.procs["listener"].pid
+            queued = 0
+            for r in range(args.repeats):
+                studies = write_studies(
+                    workdir / f"round{r}", n_studies, kind="rgb", seed=r, prefix=f"R{r}"
+                )
+                files = groups(studies, args.senders)
+                n = sum(map(len, files))
+                # Alternate which receiver goes first, so neither always gets a warmer cache.
+                order = ("dcmtk", "thyrocad") if r % 2 == 0 else ("thyrocad", "dcmtk")
+                for who in order:
+                    if who == "dcmtk":
+                        dcmtk_s.append(to_storescp(files, workdir))
+                    else:
+                        cpu0 = cpu_seconds(pid)
+                        acked, done = to_thyrocad(files, p, queued)
+                        listener_cpu.append((cpu_seconds(pid) - cpu0) / n)
+                        ours_acked.append(acked)
+                        ours_done.append(done)
+                        queued += n
+                shutil.rmtree(workdir / f"round{r}")
+            listener_rss = p.rss_mib("listener")
+    vgg = vgg19_rate(args.vgg_size, 32, args.vgg_repeats)
+
+    n = n_studies * PER_STUDY
+    dcmtk_rate = n / median(dcmtk_s)
+    ours_rate = n / median(ours_done)
+    print(
+        f"ingest: {n} instances per round (600 x 800 RGB, 1.44 MB), {args.senders} concurrent "
+        f"storescu associations, 128 KiB PDUs, TCP_NODELAY=1; median of {args.repeats} "
+        "alternating rounds"
+    )
+    rows: list[list[object]] = [
+        ["dcmtk storescp --fork (no fsync)", median(dcmtk_s), dcmtk_rate, 1.0],
+        ["thyrocad: last acknowledgement", median(ours_acked), n / median(ours_acked), ""],
+        [
+            "thyrocad: acknowledged + registered + queued",
+            median(ours_done),
+            ours_rate,
+            ours_rate / dcmtk_rate,
+        ],
+        [f"VGG-19 compiled call, batch 32, {args.vgg_size} px", "", vgg, ""],
+    ]
+    print(table(["receiver", "seconds", "instances/s", "x storescp"], rows))
+    print(
+        f"thyrocad listener: {median(listener_cpu) * 1e3:.1f} ms CPU per instance, "
+        f"RSS {listener_rss:.0f} MiB after {n * args.repeats} instances"
+    )
+    print(
+        "every round: "
+        + ", ".join(f"storescp {n / s:.0f}/s" for s in dcmtk_s)
+        + "; "
+        + ", ".join(f"thyrocad {n / s:.0f}/s" for s in ours_done)
+    )
+    print(machine())
+    print(
+        f"ratio thyrocad / storescp instances/s (target >= {TARGET_VS_STORESCP}): "
+        f"{ours_rate / dcmtk_rate:.3f}x"
+    )
+    print(
+        f"ratio thyrocad ingest / VGG-19 inference rate (target >= {TARGET_VS_VGG19:.0f}): "
+        f"{ours_rate / vgg:.1f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ from pacs.dicom_files import uid_from
 from pacs.sender import Peer, send_files
 from pacs.structured_report import STATEMENT, read_report
 from tests.integration.conftest import cli
-from tests.integration.test_pipeline import Pipeline
+from tests.integration.site import Pipeline
 from tests.procs import free_port, port_open, redis_server, stop, thyrocad, wait_for
 from thyrocad.synthetic import write_synthetic_set
 

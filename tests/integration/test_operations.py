@@ -29,8 +29,8 @@ import pytest
 import sqlalchemy as sa
 
 from pacs.sender import Peer, send_files
-from tests.integration import test_pipeline as pipeline_tests
 from tests.integration.conftest import cli
+from tests.integration.site import send_raw
 from tests.procs import ROOT, free_port, port_open, redis_server, stop, thyrocad, wait_for
 from thyrocad.synthetic import write_synthetic_set
 
@@ -232,7 +232,7 @@ def _exercise_and_check(
     del ds.PixelData
     ds.save_as(nopix, enforce_file_format=True)
     peer = Peer("127.0.0.1", stack.dicom_port, "THYROCAD")
-    assert pipeline_tests.send_raw([nopix], peer, "MODALITY1") == [0xA900]
+    assert send_raw([nopix], peer, "MODALITY1") == [0xA900]
     total = len(files)
     wait_for(
         lambda: db("SELECT count(*) FROM instances WHERE state = 'predicted'") == total,

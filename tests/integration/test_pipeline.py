@@ -13,80 +13,19 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import Peer, send_files
+from pacs.sender import send_files
 from tests.integration.conftest import cli
-from tests.procs import free_port, port_open, redis_server, stop, thyrocad, wait_for
+from tests.integration.site import US_IMAGE_STORAGE, Pipeline, send_raw
+from tests.procs import free_port, redis_server, wait_for
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration
-
-US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-
-
-@dataclass
-class Pipeline:
-    env: dict[str, str]
-    port: int
-    data_dir: Path
-    engine: sa.Engine
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, *names: str) -> None:
-        commands = {
-            "listener": ("serve",),
-            "inference": ("worker", "--queues", "inference", "--pool", "solo", "--name", "inf"),
-            "control": (
-                "worker",
-                "--queues",
-                "aggregation,maintenance",
-                "--pool",
-                "threads",
-                "--concurrency",
-                "2",
-                "--name",
-                "ctl",
-            ),
-            "beat": ("beat",),
-        }
-        for name in names or commands:
-            self.procs[name] = thyrocad(
-                *commands[name], env=self.env, log=self.data_dir / f"{name}.log"
-            )
-        if "listener" in (names or commands):
-            wait_for(lambda: port_open(self.port), 60, "the listener port")
-
-    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(name)
-        if sig == signal.SIGKILL:
-            proc.kill()
-            proc.wait()
-        else:
-            stop(proc)
-
-    def peer(self) -> Peer:
-        return Peer("127.0.0.1", self.port, "THYROCAD")
-
-    def states(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT state, count(*) FROM instances GROUP BY state"))
-            return {state: int(n) for state, n in rows.tuples()}
-
-    def scalar(self, sql: str) -> object:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.text(sql)).scalar()
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in self.data_dir.glob("*.log")
-        )
 
 
 @pytest.fixture
@@ -116,23 +55,6 @@ def pipeline(tmp_path: Path, pg_url: str, tiny_model: tuple[Path, str]) -> Itera
             for name in list(p.procs):
                 p.kill(name)
             p.engine.dispose()
-
-
-def send_raw(files: list[Path], peer: Peer, calling: str) -> list[int]:
-    """C-STORE files byte for byte (the SCU does not parse them); return the statuses."""
-    from pynetdicom import AE, _config
-
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(US_IMAGE_STORAGE)
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(path).Status) for path in files]
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        assoc.release()
 
 
 def synthetic(tmp_path: Path, patients: int, seed: int) -> list[Path]:

@@ -198,3 +198,98 @@ class LabelRecord:
     source: str
     note: str | None
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class BackfillItemRecord:
+    """One study a backfill listed from an archive, and how far it got."""
+
+    source_aet: str
+    study_instance_uid: str
+    state: str
+    reason: str | None
+    requested_at: datetime | None
+    received_count: int
+    expected_count: int | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    """What thyrocad holds of one study: registered instances, their states, its result."""
+
+    study_instance_uid: str
+    registered: int
+    unsettled: int
+    predicted: int
+    needs_finalise: bool
+    result_revision: int | None
+    reason: str | None = None
+
+    @property
+    def classified(self) -> bool:
+        """Every instance settled and the latest predictions are in a study result."""
+        return (
+            self.registered > 0
+            and self.unsettled == 0
+            and not self.needs_finalise
+            and self.result_revision is not None
+        )
+
+    @property
+    def unclassifiable(self) -> bool:
+        """Every instance settled, none predicted (all rejected or failed)."""
+        return self.registered > 0 and self.unsettled == 0 and self.predicted == 0
+
+
+@dataclass(frozen=True)
+class SrDispatchRecord:
+    """A Structured Report of one study result revision, to one destination.
+
+    ``sent_at`` is the time of the last attempt; ``status`` says how it went.
+    """
+
+    id: int
+    study_result_id: int
+    destination: str
+    sop_instance_uid: str
+    status: str
+    dimse_status: int | None
+    reason: str | None
+    sent_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ReportImage:
+    """One predicted image of a study result, with what an SR needs to reference it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    number_of_frames: int
+    frame_index: int
+    label: str
+    probability: float
+    spool_path: str
+
+
+@dataclass(frozen=True)
+class ReportSource:
+    """Everything a Structured Report of one study result is made from.
+
+    ``images`` are the study's current predictions under the result's model
+    version; ``previous_reports`` the SOP Instance UIDs of reports already sent
+    (to any destination) for earlier revisions of the same study, oldest first.
+    """
+
+    result: ResultRecord
+    latest_revision: int
+    study_date: date | None
+    accession_number: str | None
+    study_description: str | None
+    patient_name: str | None
+    patient_birth_date: date | None
+    patient_sex: str | None
+    model_architecture: str | None
+    images: tuple[ReportImage, ...]
+    previous_reports: tuple[str, ...] = ()

@@ -1,0 +1,360 @@
+"""Study and patient results: which studies are ready, the predictions a
+result is aggregated from, storing results as revisions, and reading them.
+
+The lock order (patient, study, series, instance) is described in the
+``db.repository`` package docstring.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, exists, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.errors import RepositoryError
+from db.records import (
+    ImagePrediction,
+    PatientPredictions,
+    ResultRecord,
+    StudyPredictions,
+)
+from db.repository._common import UNSETTLED_STATES, _no_sync, _now, _result_record
+from db.schema import (
+    Instance,
+    ModelVersion,
+    Patient,
+    PatientResultRow,
+    Prediction,
+    Study,
+    StudyResultRow,
+)
+
+
+def studies_to_finalise(
+    session: Session, idle_seconds: float, now: datetime | None = None
+) -> list[int]:
+    """Ids of studies to aggregate now, least recently active first.
+
+    A study qualifies when a prediction arrived since its last result
+    (``needs_finalise``), nothing was received or predicted for
+    ``idle_seconds``, and none of its instances is still waiting for or in
+    inference — so a result is computed once over the whole study, and a
+    late image later simply produces a new revision.
+    """
+    cutoff = _now(now) - timedelta(seconds=idle_seconds)
+    unsettled = exists().where(Instance.study_id == Study.id, Instance.state.in_(UNSETTLED_STATES))
+    return list(
+        session.execute(
+            select(Study.id)
+            .where(
+                Study.needs_finalise.is_(True),
+                Study.last_received_at < cutoff,
+                or_(Study.last_predicted_at.is_(None), Study.last_predicted_at < cutoff),
+                ~unsettled,
+            )
+            .order_by(Study.last_received_at, Study.id)
+        ).scalars()
+    )
+
+
+def _default_version(session: Session, scope: Any) -> str | None:
+    """The active model's version, else the version of the newest prediction in scope."""
+    active = session.execute(
+        select(ModelVersion.version).where(ModelVersion.status == "active")
+    ).scalar_one_or_none()
+    if active is not None:
+        return active
+    return session.execute(
+        select(Prediction.model_version)
+        .join(Instance, Instance.id == Prediction.instance_id)
+        .where(scope)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def _image_predictions(
+    session: Session, scope: Any, version: str | None
+) -> tuple[ImagePrediction, ...]:
+    if version is None:
+        return ()
+    rows = session.execute(
+        select(
+            Prediction.instance_id,
+            Instance.sop_instance_uid,
+            Prediction.frame_index,
+            Prediction.label,
+            Prediction.probability,
+            Prediction.probabilities,
+            Prediction.created_at,
+        )
+        .join(Instance, Instance.id == Prediction.instance_id)
+        # Only instances whose current bytes were predicted: a replaced file
+        # waiting for inference must not be aggregated from its old pixels.
+        .where(scope, Instance.state == "predicted", Prediction.model_version == version)
+        .order_by(Instance.received_at, Instance.id, Prediction.frame_index)
+    ).all()
+    return tuple(
+        ImagePrediction(
+            instance_id=row.instance_id,
+            sop_instance_uid=row.sop_instance_uid,
+            frame_index=row.frame_index,
+            label=row.label,
+            probability=row.probability,
+            probabilities=dict(row.probabilities),
+            created_at=row.created_at,
+        )
+        for row in rows
+    )
+
+
+def study_predictions(
+    session: Session, study_id: int, model_version: str | None = None
+) -> StudyPredictions:
+    """Every current image prediction of a study under one model version.
+
+    The version defaults to the active model, or, with none active, to the
+    version of the study's newest prediction. Raises ``RepositoryError`` for
+    an unknown study.
+    """
+    # The epoch is read before the predictions, so a prediction landing in
+    # between can only make the epoch look older, never newer (see save_study_result).
+    study = session.execute(
+        select(
+            Study.study_instance_uid,
+            Study.prediction_epoch,
+            Study.patient_id,
+            Patient.patient_key,
+        )
+        .join(Patient, Patient.id == Study.patient_id)
+        .where(Study.id == study_id)
+    ).one_or_none()
+    if study is None:
+        raise RepositoryError(f"no study with id {study_id}")
+    scope = Instance.study_id == study_id
+    version = model_version or _default_version(session, scope)
+    return StudyPredictions(
+        study_id=study_id,
+        study_instance_uid=study.study_instance_uid,
+        patient_id=study.patient_id,
+        patient_key=study.patient_key,
+        model_version=version,
+        epoch=study.prediction_epoch,
+        images=_image_predictions(session, scope, version),
+    )
+
+
+def patient_predictions(
+    session: Session, patient_id: int, model_version: str | None = None
+) -> PatientPredictions:
+    """Every current image prediction of all studies of a patient under one version.
+
+    Version default as in ``study_predictions``. ``study_count`` counts the
+    studies that contribute at least one image. Raises ``RepositoryError``
+    for an unknown patient.
+    """
+    patient_key = session.execute(
+        select(Patient.patient_key).where(Patient.id == patient_id)
+    ).scalar_one_or_none()
+    if patient_key is None:
+        raise RepositoryError(f"no patient with id {patient_id}")
+    scope = Instance.study_id.in_(select(Study.id).where(Study.patient_id == patient_id))
+    version = model_version or _default_version(session, scope)
+    images = _image_predictions(session, scope, version)
+    study_count = 0
+    if images:
+        study_count = session.execute(
+            select(func.count(func.distinct(Instance.study_id))).where(
+                Instance.id.in_({image.instance_id for image in images})
+            )
+        ).scalar_one()
+    return PatientPredictions(
+        patient_id=patient_id,
+        patient_key=patient_key,
+        model_version=version,
+        study_count=study_count,
+        images=images,
+    )
+
+
+def _same_result(row: Any, values: dict[str, Any]) -> bool:
+    return bool(
+        row is not None and all(getattr(row, name) == value for name, value in values.items())
+    )
+
+
+def save_study_result(
+    session: Session,
+    study_id: int,
+    model_version: str,
+    rule: str,
+    label: str,
+    probability: float,
+    probabilities: dict[str, float],
+    image_count: int,
+    now: datetime | None = None,
+    epoch: int | None = None,
+) -> ResultRecord:
+    """Store a study result as a new revision (1, 2, …) and mark the study finalised.
+
+    Idempotent: a result identical to the latest revision (same version, rule,
+    label, probability, probabilities and image count) returns that revision
+    instead of adding one. Old revisions are kept.
+
+    ``needs_finalise`` is cleared only if no prediction arrived since the
+    caller read ``StudyPredictions.epoch`` (pass it as ``epoch``); otherwise
+    the study stays marked and is finalised again. ``epoch=None`` clears it
+    unconditionally. Raises ``RepositoryError`` for an unknown study.
+    """
+    now = _now(now)
+    owner = session.execute(
+        select(Study.patient_id).where(Study.id == study_id)
+    ).scalar_one_or_none()
+    if owner is None:
+        raise RepositoryError(f"no study with id {study_id}")
+    # Lock order patient → study, as everywhere (see the module docstring), so
+    # a finaliser that saves the patient result in the same transaction never
+    # deadlocks with the listener. SQLite ignores FOR UPDATE; its write lock
+    # is taken by the UPDATE below.
+    patient_key = session.execute(
+        select(Patient.patient_key).where(Patient.id == owner).with_for_update()
+    ).scalar_one()
+    # Writing the study row serialises concurrent finalisers of this study.
+    still_needed: Any = False
+    if epoch is not None:
+        still_needed = case((Study.prediction_epoch == epoch, False), else_=Study.needs_finalise)
+    study_uid = session.execute(
+        update(Study)
+        .where(Study.id == study_id)
+        .values(finalised_at=now, needs_finalise=still_needed)
+        .returning(Study.study_instance_uid)
+        .execution_options(**_no_sync())
+    ).scalar_one()
+    values = {
+        "model_version": model_version,
+        "rule": rule,
+        "label": label,
+        "probability": float(probability),
+        "probabilities": {k: float(v) for k, v in probabilities.items()},
+        "image_count": image_count,
+    }
+    latest = session.execute(
+        select(StudyResultRow)
+        .where(StudyResultRow.study_id == study_id)
+        .order_by(StudyResultRow.revision.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if latest is None or not _same_result(latest, values):
+        revision = 1 if latest is None else latest.revision + 1
+        latest = session.execute(
+            insert(StudyResultRow)
+            .values(study_id=study_id, revision=revision, created_at=now, **values)
+            .returning(StudyResultRow)
+        ).scalar_one()
+    return _result_record(latest, "study", study_uid, patient_key, None)
+
+
+def save_patient_result(
+    session: Session,
+    patient_id: int,
+    model_version: str,
+    rule: str,
+    label: str,
+    probability: float,
+    probabilities: dict[str, float],
+    image_count: int,
+    study_count: int,
+    now: datetime | None = None,
+) -> ResultRecord:
+    """Store a patient result as a new revision, idempotently as ``save_study_result``.
+
+    Raises ``RepositoryError`` for an unknown patient.
+    """
+    now = _now(now)
+    found = session.execute(
+        update(Patient)
+        .where(Patient.id == patient_id)
+        .values(finalised_at=now)
+        .returning(Patient.patient_key)
+        .execution_options(**_no_sync())
+    ).scalar_one_or_none()
+    if found is None:
+        raise RepositoryError(f"no patient with id {patient_id}")
+    values = {
+        "model_version": model_version,
+        "rule": rule,
+        "label": label,
+        "probability": float(probability),
+        "probabilities": {k: float(v) for k, v in probabilities.items()},
+        "image_count": image_count,
+        "study_count": study_count,
+    }
+    latest = session.execute(
+        select(PatientResultRow)
+        .where(PatientResultRow.patient_id == patient_id)
+        .order_by(PatientResultRow.revision.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if latest is None or not _same_result(latest, values):
+        revision = 1 if latest is None else latest.revision + 1
+        latest = session.execute(
+            insert(PatientResultRow)
+            .values(patient_id=patient_id, revision=revision, created_at=now, **values)
+            .returning(PatientResultRow)
+        ).scalar_one()
+    return _result_record(latest, "patient", found, found, latest.study_count)
+
+
+def results(
+    session: Session, patient_key: str | None = None, study_uid: str | None = None
+) -> list[ResultRecord]:
+    """The latest revision of each result, patient first, then their studies by date.
+
+    No filter: every patient and study result. ``patient_key``: that
+    patient's result and the results of their studies. ``study_uid``: that
+    study's result only. Both: the study's result if it belongs to the patient.
+    """
+    latest_study = (
+        select(func.max(StudyResultRow.revision))
+        .where(StudyResultRow.study_id == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    study_query = (
+        select(StudyResultRow, Study.study_instance_uid, Patient.patient_key, Study.study_date)
+        .join(Study, Study.id == StudyResultRow.study_id)
+        .join(Patient, Patient.id == Study.patient_id)
+        .where(StudyResultRow.revision == latest_study)
+    )
+    if patient_key is not None:
+        study_query = study_query.where(Patient.patient_key == patient_key)
+    if study_uid is not None:
+        study_query = study_query.where(Study.study_instance_uid == study_uid)
+
+    found: list[tuple[tuple[Any, ...], ResultRecord]] = []
+    for row, uid, key, study_date in session.execute(study_query).all():
+        order = (key, 1, study_date.isoformat() if study_date else "", uid)
+        found.append((order, _result_record(row, "study", uid, key, None)))
+
+    if study_uid is None:
+        latest_patient = (
+            select(func.max(PatientResultRow.revision))
+            .where(PatientResultRow.patient_id == Patient.id)
+            .correlate(Patient)
+            .scalar_subquery()
+        )
+        patient_query = (
+            select(PatientResultRow, Patient.patient_key)
+            .join(Patient, Patient.id == PatientResultRow.patient_id)
+            .where(PatientResultRow.revision == latest_patient)
+        )
+        if patient_key is not None:
+            patient_query = patient_query.where(Patient.patient_key == patient_key)
+        for prow, key in session.execute(patient_query).all():
+            found.append(
+                ((key, 0, "", ""), _result_record(prow, "patient", key, key, prow.study_count))
+            )
+    found.sort(key=lambda item: item[0])
+    return [record for _, record in found]

@@ -1,0 +1,573 @@
+"""Instances from arrival to prediction: registering and rejecting them,
+queueing and claiming them for a worker, settling them, storing their
+predictions, and counting them by state.
+
+How concurrent writers are kept apart (lock order, ``INSERT … ON CONFLICT``,
+``SKIP LOCKED`` claims) is described in the ``db.repository`` package docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import cast
+
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.records import (
+    ClaimedInstance,
+    InstanceRecord,
+    KnownInstance,
+    PredictionRecord,
+    RegisterOutcome,
+)
+from db.repository._common import PENDING_STATES, _insert, _no_sync, _now
+from db.schema import (
+    INSTANCE_STATES,
+    Instance,
+    Patient,
+    Prediction,
+    Rejection,
+    Series,
+    Study,
+    patient_key_for,
+)
+
+
+def register_instance(
+    session: Session, rec: InstanceRecord, now: datetime | None = None
+) -> RegisterOutcome:
+    """Record a spooled instance with its patient, study and series.
+
+    Keyed by SOP Instance UID: a new UID is stored in state ``received``
+    (outcome ``new``); the same UID with the same sha256 only increments
+    ``received_count`` (``duplicate``, state unchanged); the same UID with a
+    different sha256 takes the new file, goes back to ``received`` with its
+    reason and claim cleared (``replaced``) — its old predictions stay as
+    history and are overwritten when the same model version predicts again.
+    Demographics are refreshed with any non-empty new value; a study keeps
+    the patient it was first registered under.
+    """
+    now = _now(now)
+    patient_key = patient_key_for(rec.patient_key, rec.study_instance_uid)
+
+    demographics = {
+        "patient_name": rec.patient_name or None,
+        "birth_date": rec.patient_birth_date,
+        "sex": rec.patient_sex or None,
+    }
+    # DO NOTHING rather than DO UPDATE: an upsert would lock the patient row on
+    # every image, and a finaliser holding it would then stall the listener.
+    patient_id = session.execute(
+        _insert(session, Patient)
+        .values(patient_key=patient_key, created_at=now, **demographics)
+        .on_conflict_do_nothing(index_elements=[Patient.patient_key])
+        .returning(Patient.id)
+    ).scalar_one_or_none()
+    if patient_id is None:
+        known = session.execute(
+            select(Patient.id, Patient.patient_name, Patient.birth_date, Patient.sex).where(
+                Patient.patient_key == patient_key
+            )
+        ).one()
+        patient_id = known.id
+        # Refresh demographics with any non-empty value that differs (rare).
+        changes = {
+            name: value
+            for name, value in demographics.items()
+            if value is not None and value != getattr(known, name)
+        }
+        if changes:
+            session.execute(
+                update(Patient)
+                .where(Patient.id == patient_id)
+                .values(**changes)
+                .execution_options(**_no_sync())
+            )
+
+    ins = _insert(session, Study)
+    study_id = session.execute(
+        ins.values(
+            study_instance_uid=rec.study_instance_uid,
+            patient_id=patient_id,
+            study_date=rec.study_date,
+            accession_number=rec.accession_number or None,
+            description=rec.study_description or None,
+            first_received_at=now,
+            last_received_at=now,
+            needs_finalise=False,
+            prediction_epoch=0,
+        )
+        .on_conflict_do_update(
+            index_elements=[Study.study_instance_uid],
+            set_={
+                "last_received_at": ins.excluded.last_received_at,
+                "study_date": func.coalesce(ins.excluded.study_date, Study.study_date),
+                "accession_number": func.coalesce(
+                    ins.excluded.accession_number, Study.accession_number
+                ),
+                "description": func.coalesce(ins.excluded.description, Study.description),
+            },
+        )
+        .returning(Study.id)
+    ).scalar_one()
+
+    ins = _insert(session, Series)
+    series_id = session.execute(
+        ins.values(
+            series_instance_uid=rec.series_instance_uid,
+            study_id=study_id,
+            modality=rec.modality or None,
+            description=rec.series_description or None,
+        )
+        .on_conflict_do_update(
+            index_elements=[Series.series_instance_uid],
+            set_={
+                "modality": func.coalesce(ins.excluded.modality, Series.modality),
+                "description": func.coalesce(ins.excluded.description, Series.description),
+            },
+        )
+        .returning(Series.id)
+    ).scalar_one()
+
+    file_values = {
+        "series_id": series_id,
+        "study_id": study_id,
+        "sop_class_uid": rec.sop_class_uid,
+        "transfer_syntax_uid": rec.transfer_syntax_uid,
+        "number_of_frames": rec.number_of_frames,
+        "spool_path": rec.spool_path,
+        "sha256": rec.sha256,
+        "size_bytes": rec.size_bytes,
+    }
+    new_id = session.execute(
+        _insert(session, Instance)
+        .values(
+            sop_instance_uid=rec.sop_instance_uid,
+            state="received",
+            received_count=1,
+            received_at=now,
+            updated_at=now,
+            attempts=0,
+            **file_values,
+        )
+        .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+        .returning(Instance.id)
+    ).scalar_one_or_none()
+    if new_id is not None:
+        return RegisterOutcome(instance_id=new_id, outcome="new", state="received")
+
+    # Known UID. The row lock (PostgreSQL) or the write lock already held
+    # (SQLite) keeps a concurrent registration of the same UID out until commit.
+    existing = session.execute(
+        select(Instance.id, Instance.sha256, Instance.state)
+        .where(Instance.sop_instance_uid == rec.sop_instance_uid)
+        .with_for_update()
+    ).one()
+    if existing.sha256 == rec.sha256:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == existing.id)
+            .values(received_count=Instance.received_count + 1)
+            .execution_options(**_no_sync())
+        )
+        return RegisterOutcome(instance_id=existing.id, outcome="duplicate", state=existing.state)
+
+    session.execute(
+        update(Instance)
+        .where(Instance.id == existing.id)
+        .values(
+            state="received",
+            reason=None,
+            claim_token=None,
+            claimed_at=None,
+            attempts=0,
+            received_count=Instance.received_count + 1,
+            received_at=now,
+            updated_at=now,
+            **file_values,
+        )
+        .execution_options(**_no_sync())
+    )
+    return RegisterOutcome(instance_id=existing.id, outcome="replaced", state="received")
+
+
+def record_rejection(
+    session: Session,
+    sop_instance_uid: str | None,
+    calling_ae_title: str,
+    reason: str,
+    dimse_status: int,
+    now: datetime | None = None,
+) -> int:
+    """Store an instance refused at C-STORE and return the rejection's id.
+
+    ``reason`` must not contain patient data (it is shown in status output).
+    """
+    return session.execute(
+        insert(Rejection)
+        .values(
+            sop_instance_uid=sop_instance_uid or None,
+            calling_ae_title=calling_ae_title,
+            reason=reason,
+            dimse_status=dimse_status,
+            received_at=_now(now),
+        )
+        .returning(Rejection.id)
+    ).scalar_one()
+
+
+def known_instance(session: Session, sop_instance_uid: str) -> KnownInstance | None:
+    """Return (id, sha256, state) of a registered instance, or None if unknown."""
+    row = session.execute(
+        select(Instance.id, Instance.sha256, Instance.state).where(
+            Instance.sop_instance_uid == sop_instance_uid
+        )
+    ).one_or_none()
+    return None if row is None else KnownInstance(row.id, row.sha256, row.state)
+
+
+def mark_queued(session: Session, instance_ids: Sequence[int], now: datetime | None = None) -> int:
+    """Note that tasks for these instances went to the broker; return rows changed.
+
+    Moves ``received`` rows to ``queued`` and refreshes ``updated_at`` of rows
+    already ``queued`` (re-queued by the reconciler), so the reconciler does
+    not queue them again before ``stale_seconds``. Other states are left alone.
+    """
+    if not instance_ids:
+        return 0
+    result = session.execute(
+        update(Instance)
+        .where(Instance.id.in_(instance_ids), Instance.state.in_(PENDING_STATES))
+        .values(state="queued", updated_at=_now(now))
+        .execution_options(**_no_sync())
+    )
+    return cast(int, result.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_instances(
+    session: Session,
+    limit: int,
+    token: str,
+    now: datetime | None = None,
+    lease_seconds: float = 300.0,
+    only_ids: Sequence[int] | None = None,
+    max_attempts: int | None = None,
+) -> list[ClaimedInstance]:
+    """Take up to ``limit`` instances for this worker, oldest received first.
+
+    Claimable: ``received`` and ``queued`` rows, and ``processing`` rows whose
+    lease (``claimed_at`` older than ``lease_seconds``) ran out because their
+    worker died. They become ``processing`` with ``claim_token=token``,
+    ``claimed_at=now`` and one more attempt. ``only_ids`` restricts the claim
+    to the ids a task carries. With ``max_attempts``, claimable rows that
+    already used that many attempts are marked ``failed`` instead (an
+    instance that kills its worker every time must not loop forever).
+
+    No row is ever claimed by two workers at once: see the module docstring.
+    Commit promptly: on PostgreSQL the claimed rows stay locked until then.
+    """
+    if limit <= 0 or (only_ids is not None and not only_ids):
+        return []
+    now = _now(now)
+    lease_cutoff = now - timedelta(seconds=lease_seconds)
+    claimable = or_(
+        Instance.state.in_(PENDING_STATES),
+        and_(Instance.state == "processing", Instance.claimed_at < lease_cutoff),
+    )
+    scope = [claimable]
+    if only_ids is not None:
+        scope.append(Instance.id.in_(only_ids))
+
+    if max_attempts is not None:
+        session.execute(
+            update(Instance)
+            .where(*scope, Instance.attempts >= max_attempts)
+            .values(
+                state="failed",
+                reason=f"gave up after {max_attempts} attempts without a result",
+                claim_token=None,
+                claimed_at=None,
+                updated_at=now,
+            )
+            .execution_options(**_no_sync())
+        )
+
+    # SQLite ignores FOR UPDATE; there the whole UPDATE runs under the write lock.
+    candidates = (
+        select(Instance.id)
+        .where(*scope)
+        .order_by(Instance.received_at, Instance.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.execute(
+        update(Instance)
+        .where(Instance.id.in_(candidates.scalar_subquery()))
+        .values(
+            state="processing",
+            claim_token=token,
+            claimed_at=now,
+            updated_at=now,
+            attempts=Instance.attempts + 1,
+        )
+        .returning(
+            Instance.id,
+            Instance.sop_instance_uid,
+            Instance.study_id,
+            Instance.spool_path,
+            Instance.sha256,
+            Instance.attempts,
+            Instance.received_at,
+        )
+        .execution_options(**_no_sync())
+    ).all()
+    return [
+        ClaimedInstance(
+            instance_id=row.id,
+            sop_instance_uid=row.sop_instance_uid,
+            study_id=row.study_id,
+            spool_path=row.spool_path,
+            sha256=row.sha256,
+            attempts=row.attempts,
+        )
+        # RETURNING has no order; hand them out oldest first as selected.
+        for row in sorted(rows, key=lambda row: (row.received_at, row.id))
+    ]
+
+
+def release_claim(
+    session: Session,
+    instance_ids: Sequence[int],
+    token: str,
+    now: datetime | None = None,
+    reason: str | None = None,
+) -> int:
+    """Give instances back after a transient error: ``processing`` → ``queued``.
+
+    Only rows still claimed by ``token`` are touched; returns how many.
+    ``reason`` (no patient data) records why, for the status output.
+    """
+    if not instance_ids:
+        return 0
+    result = session.execute(
+        update(Instance)
+        .where(
+            Instance.id.in_(instance_ids),
+            Instance.state == "processing",
+            Instance.claim_token == token,
+        )
+        .values(
+            state="queued", claim_token=None, claimed_at=None, reason=reason, updated_at=_now(now)
+        )
+        .execution_options(**_no_sync())
+    )
+    return cast(int, result.rowcount)  # type: ignore[attr-defined]
+
+
+def _settle(
+    session: Session,
+    instance_id: int,
+    state: str,
+    reason: str,
+    now: datetime | None,
+    token: str | None,
+) -> bool:
+    conditions: list[ColumnElement[bool]] = [Instance.id == instance_id]
+    if token is not None:
+        conditions += [Instance.state == "processing", Instance.claim_token == token]
+    result = session.execute(
+        update(Instance)
+        .where(*conditions)
+        .values(state=state, reason=reason, claim_token=None, claimed_at=None, updated_at=_now(now))
+        .execution_options(**_no_sync())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_failed(
+    session: Session,
+    instance_id: int,
+    reason: str,
+    now: datetime | None = None,
+    token: str | None = None,
+) -> bool:
+    """Mark an instance ``failed`` (gave up after retries) with a reason.
+
+    With ``token``, only if this worker still holds the claim. Returns whether
+    the row changed. ``reason`` must not contain patient data.
+    """
+    return _settle(session, instance_id, "failed", reason, now, token)
+
+
+def mark_rejected(
+    session: Session,
+    instance_id: int,
+    reason: str,
+    now: datetime | None = None,
+    token: str | None = None,
+) -> bool:
+    """Mark an instance ``rejected`` for good (e.g. undecodable pixels) with a reason.
+
+    With ``token``, only if this worker still holds the claim. Returns whether
+    the row changed. ``reason`` must not contain patient data.
+    """
+    return _settle(session, instance_id, "rejected", reason, now, token)
+
+
+def instances_to_requeue(
+    session: Session,
+    now: datetime | None = None,
+    stale_seconds: float = 300.0,
+    lease_seconds: float | None = None,
+) -> list[int]:
+    """Ids the reconciler should queue again, oldest first.
+
+    ``received``/``queued`` rows not updated for ``stale_seconds`` (their task
+    was lost, e.g. the broker was down) and ``processing`` rows whose lease
+    (``lease_seconds``, default ``stale_seconds``) ran out (their worker died).
+    """
+    now = _now(now)
+    stale_cutoff = now - timedelta(seconds=stale_seconds)
+    lease_cutoff = now - timedelta(
+        seconds=stale_seconds if lease_seconds is None else lease_seconds
+    )
+    return list(
+        session.execute(
+            select(Instance.id)
+            .where(
+                or_(
+                    and_(Instance.state.in_(PENDING_STATES), Instance.updated_at < stale_cutoff),
+                    and_(Instance.state == "processing", Instance.claimed_at < lease_cutoff),
+                )
+            )
+            .order_by(Instance.received_at, Instance.id)
+        ).scalars()
+    )
+
+
+def save_predictions(
+    session: Session,
+    predictions: Sequence[PredictionRecord],
+    token: str | None,
+    now: datetime | None = None,
+) -> int:
+    """Store predictions, mark their instances ``predicted``; return predictions stored.
+
+    With ``token``, an instance counts only while this worker still holds its
+    claim (state ``processing``, same token); predictions for any other
+    instance are skipped — another worker owns it now, or its bytes were
+    replaced. With ``token=None`` (a rescore) every given instance counts.
+
+    Give all frames of an instance in one call: each (instance, model version)
+    pair written here ends up with exactly the given frames (upsert on
+    instance, frame and version; frames no longer given are removed), so a
+    re-run writes the same rows, never new ones. The studies of the applied
+    instances are marked ``needs_finalise``.
+    """
+    if not predictions:
+        return 0
+    now = _now(now)
+    instance_ids = sorted({p.instance_id for p in predictions})
+    conditions: list[ColumnElement[bool]] = [Instance.id.in_(instance_ids)]
+    if token is not None:
+        conditions += [Instance.state == "processing", Instance.claim_token == token]
+    study_ids = sorted(
+        session.execute(select(Instance.study_id).where(*conditions).distinct()).scalars()
+    )
+    if not study_ids:
+        return 0
+    # Studies are written before instances, the order register_instance locks
+    # them in, so the two can never deadlock on PostgreSQL. The epoch tells a
+    # finaliser reading this study right now that its result is already stale.
+    # Marking a study whose instance turns out to be owned by someone else
+    # only costs an extra (idempotent) finalisation.
+    session.execute(
+        update(Study)
+        .where(Study.id.in_(study_ids))
+        .values(
+            needs_finalise=True,
+            last_predicted_at=now,
+            prediction_epoch=Study.prediction_epoch + 1,
+        )
+        .execution_options(**_no_sync())
+    )
+    # The claim is checked again under the instance rows' locks.
+    applied = session.execute(
+        update(Instance)
+        .where(*conditions)
+        .values(state="predicted", reason=None, claim_token=None, claimed_at=None, updated_at=now)
+        .returning(Instance.id)
+        .execution_options(**_no_sync())
+    ).all()
+    owned = {row.id for row in applied}
+    # One row per key: PostgreSQL refuses an upsert that touches a row twice.
+    unique = {(p.instance_id, p.frame_index, p.model_version): p for p in predictions}
+    kept = [p for p in unique.values() if p.instance_id in owned]
+    if not kept:
+        return 0
+
+    frames: dict[tuple[int, str], set[int]] = {}
+    for p in kept:
+        frames.setdefault((p.instance_id, p.model_version), set()).add(p.frame_index)
+    for (instance_id, version), indexes in frames.items():
+        session.execute(
+            delete(Prediction)
+            .where(
+                Prediction.instance_id == instance_id,
+                Prediction.model_version == version,
+                Prediction.frame_index.not_in(indexes),
+            )
+            .execution_options(**_no_sync())
+        )
+
+    ins = _insert(session, Prediction)
+    session.execute(
+        ins.values(
+            [
+                {
+                    "instance_id": p.instance_id,
+                    "frame_index": p.frame_index,
+                    "model_version": p.model_version,
+                    "label": p.label,
+                    "probability": float(p.probability),
+                    "probabilities": {k: float(v) for k, v in p.probabilities.items()},
+                    "latency_ms": p.latency_ms,
+                    "created_at": now,
+                }
+                for p in kept
+            ]
+        ).on_conflict_do_update(
+            index_elements=[
+                Prediction.instance_id,
+                Prediction.frame_index,
+                Prediction.model_version,
+            ],
+            set_={
+                "label": ins.excluded.label,
+                "probability": ins.excluded.probability,
+                "probabilities": ins.excluded.probabilities,
+                "latency_ms": ins.excluded.latency_ms,
+                "created_at": ins.excluded.created_at,
+            },
+        )
+    )
+
+    return len(kept)
+
+
+def instance_counts(session: Session) -> dict[str, int]:
+    """Number of instances in each state; every state is present, zero or not."""
+    counts = dict.fromkeys(INSTANCE_STATES, 0)
+    for state, count in session.execute(
+        select(Instance.state, func.count()).group_by(Instance.state)
+    ).all():
+        counts[state] = count
+    return counts
+
+
+def rejection_counts(session: Session) -> dict[str, int]:
+    """Number of instances refused at C-STORE, by reason."""
+    query = select(Rejection.reason, func.count()).group_by(Rejection.reason)
+    return {reason: int(count) for reason, count in session.execute(query).tuples()}

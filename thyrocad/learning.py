@@ -136,25 +136,13 @@ def promote_version(s: Settings, version: str, registry_dir: Path) -> None:
     """Make a registry version active on disk and in the database the workers read."""
     from db import repository
     from db.engine import make_engine, make_session_factory, upgrade
-    from db.records import ModelVersionRecord
     from models.registry import Registry
+    from worker.retraining import version_record
 
     v = Registry(registry_dir).promote(version)
     now = dt.datetime.now(dt.UTC)
     if not s.database_url:
         upgrade(s.db_url)
     with make_session_factory(make_engine(s.db_url)).begin() as session:
-        repository.upsert_model_version(
-            session,
-            ModelVersionRecord(
-                version=v.version,
-                architecture=v.architecture,
-                classes=tuple(v.classes),
-                input_size=v.input_size,
-                artifact_path=str(v.path.resolve()),
-                metrics=v.metadata.get("metrics") or {},
-                data_fingerprint=v.metadata.get("data_fingerprint"),
-                created_at=now,
-            ),
-        )
+        repository.upsert_model_version(session, version_record(v, now), now)
         repository.set_active_model(session, v.version, now)

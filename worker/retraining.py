@@ -56,6 +56,24 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 PREDICT_BATCH = 32
 
 
+def version_record(
+    saved: Any, now: dt.datetime, status_reason: str | None = None
+) -> ModelVersionRecord:
+    """The database's candidate row for a registry version (``models.registry.ModelVersion``)."""
+    return ModelVersionRecord(
+        version=saved.version,
+        architecture=saved.architecture,
+        classes=tuple(saved.classes),
+        input_size=saved.input_size,
+        artifact_path=str(saved.path.resolve()),
+        status="candidate",
+        status_reason=status_reason,
+        metrics=saved.metadata.get("metrics") or {},
+        data_fingerprint=saved.metadata.get("data_fingerprint"),
+        created_at=now,
+    )
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -433,18 +451,7 @@ def _record(
             )
         repository.upsert_model_version(
             session,
-            ModelVersionRecord(
-                version=saved.version,
-                architecture=saved.architecture,
-                classes=tuple(saved.classes),
-                input_size=saved.input_size,
-                artifact_path=str(saved.path.resolve()),
-                status="candidate",
-                status_reason=None if decision.promote else decision.reason,
-                metrics=saved.metadata.get("metrics") or {},
-                data_fingerprint=saved.metadata.get("data_fingerprint"),
-                created_at=now,
-            ),
+            version_record(saved, now, None if decision.promote else decision.reason),
             now,
         )
         if decision.promote:

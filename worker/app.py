@@ -22,6 +22,7 @@ TASK_ROUTES = {
     "thyrocad.requeue_stale": {"queue": "maintenance"},
     "thyrocad.retrain": {"queue": "training"},
     "thyrocad.send_report": {"queue": "maintenance"},
+    "thyrocad.requeue_reports": {"queue": "maintenance"},
 }
 
 
@@ -76,6 +77,12 @@ def create_app(settings: Settings) -> Celery:
         },
     )
     app.conf.thyrocad_settings = settings
+    if settings.sr_destination:
+        app.conf.beat_schedule["requeue-reports"] = {
+            "task": "thyrocad.requeue_reports",
+            "schedule": timedelta(minutes=10),
+            "options": {"expires": 600},
+        }
     if settings.retrain_interval_seconds > 0:
         # Cheap when there is nothing to do: the task skips until enough new labels exist.
         app.conf.beat_schedule["retrain"] = {

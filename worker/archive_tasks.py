@@ -198,3 +198,21 @@ def send_report(self: Any, study_result_id: int, destination: str) -> str:
         countdown = min(600, 10 * 2**self.request.retries)
         raise self.retry(countdown=countdown, exc=ReportNotSent(f"result {study_result_id}"))
     return outcome
+
+
+# A pending report whose result is older than this lost its task (its own retries
+# with backoff give up well before): queue it again.
+PENDING_REPORT_GRACE = dt.timedelta(hours=1)
+
+
+@shared_task(name="thyrocad.requeue_reports", autoretry_for=TRANSIENT, retry_backoff=True)
+def requeue_reports() -> int:
+    """Publish again the reports left ``pending`` by a lost task (e.g. a broker outage)."""
+    ctx = get_context()
+    with ctx.sessions() as session:
+        pending = repository.pending_sr_dispatches(session, _now() - PENDING_REPORT_GRACE)
+    for dispatch in pending:
+        send_report.apply_async(args=[dispatch.study_result_id, dispatch.destination])
+    if pending:
+        logger.info("requeued %d pending structured reports", len(pending))
+    return len(pending)

@@ -43,6 +43,7 @@ from db.repository._common import (
 from db.repository.archive import (
     BACKFILL_STATES,
     backfill_items,
+    pending_sr_dispatches,
     report_source,
     save_sr_dispatch,
     set_backfill_state,
@@ -126,6 +127,7 @@ __all__ = [
     "set_backfill_state",
     "set_model_status",
     "sr_dispatch",
+    "pending_sr_dispatches",
     "sr_dispatches",
     "studies_to_finalise",
     "study_predictions",

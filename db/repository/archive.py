@@ -281,6 +281,18 @@ def sr_dispatches(
     return found
 
 
+def pending_sr_dispatches(session: Session, results_before: datetime) -> list[SrDispatchRecord]:
+    """Dispatches still ``pending`` for study results created before ``results_before``:
+    their task was lost (broker outage) or is still retrying."""
+    rows = session.execute(
+        select(SrDispatch)
+        .join(StudyResultRow, StudyResultRow.id == SrDispatch.study_result_id)
+        .where(SrDispatch.status == "pending", StudyResultRow.created_at < results_before)
+        .order_by(SrDispatch.id)
+    ).scalars()
+    return [_dispatch_record(row) for row in rows]
+
+
 def report_source(session: Session, study_result_id: int) -> ReportSource | None:
     """What a Structured Report of this study result needs, or None if there is no such result."""
     found = session.execute(

@@ -157,6 +157,30 @@ def _save_result(s: Session, study: str, probability: float) -> int:
     ).id
 
 
+def test_pending_reports_of_old_results_are_found_for_requeueing(
+    sessions: sessionmaker[Session],
+) -> None:
+    study = "1.2.826.0.1.56"
+    with sessions.begin() as s:
+        ids = [
+            repo.register_instance(
+                s, instance_rec(f"{study}.1", study=study), now=at(1)
+            ).instance_id
+        ]
+    predict_all(sessions, ids, 0.7, at(5))
+    with sessions.begin() as s:
+        result_id = _save_result(s, study, 0.7)  # created at(10)
+        repo.save_sr_dispatch(s, result_id, "PACS@h:104", "1.2.3.4", "pending", reason="queued")
+    with sessions() as s:
+        assert repo.pending_sr_dispatches(s, at(5)) == []  # the result is too recent
+        found = repo.pending_sr_dispatches(s, at(20))
+    assert [(d.study_result_id, d.status) for d in found] == [(result_id, "pending")]
+    with sessions.begin() as s:
+        repo.save_sr_dispatch(s, result_id, "PACS@h:104", "1.2.3.4", "sent", dimse_status=0)
+    with sessions() as s:
+        assert repo.pending_sr_dispatches(s, at(20)) == []
+
+
 # --------------------------------------------------------------------------- backfill
 
 

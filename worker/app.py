@@ -48,6 +48,8 @@ def broker_options(settings: Settings) -> dict[str, object]:
 def create_app(settings: Settings) -> Celery:
     """A configured Celery app for these settings, made the current app."""
     app = Celery("thyrocad", broker=settings.broker_url, set_as_current=True)
+    if settings.broker_url.startswith("filesystem://"):
+        app.conf.broker_transport = "worker.filesystem_broker:Transport"
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,

@@ -131,8 +131,8 @@ def run_demo(
         sessions = make_session_factory(make_engine(s.db_url))
         wanted = {p.patient_id: p for p in cohort}
         while True:
-            if sup.poll() is not None:
-                raise RuntimeError(f"the embedded process '{sup.poll()}' stopped unexpectedly")
+            if (ended := sup.poll()) is not None and not sup.restart(ended):
+                raise RuntimeError(f"the embedded process '{ended}' keeps stopping (see its log)")
             with sessions() as session:
                 found = {
                     r.key: r

@@ -78,30 +78,45 @@ def process_commands(metrics_port: int = 0) -> dict[str, list[str]]:
 
 @dataclass
 class Supervisor:
-    """Starts the embedded processes and stops them all when one ends or on Ctrl-C."""
+    """Starts the embedded processes, restarts one that dies, stops them all on Ctrl-C.
+
+    A process that keeps dying (``max_restarts`` within ``restart_window`` seconds)
+    stops the whole pipeline: something is wrong that a restart will not mend.
+    """
 
     settings: Settings
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # When set, each process writes to <log_dir>/<name>.log instead of the terminal.
     log_dir: Path | None = None
+    max_restarts: int = 5
+    restart_window: float = 60.0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
 
-    def start(self) -> None:
+    def _env(self, offset: int) -> dict[str, str]:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         # Each process would otherwise bind the same metrics port.
-        base_port = self.settings.metrics_port
-        for offset, (name, argv) in enumerate(process_commands().items()):
-            child_env = dict(env)
-            if base_port:
-                child_env["THYROCAD_METRICS_PORT"] = str(base_port + offset)
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-            self.processes[name] = subprocess.Popen(
-                argv, env=child_env, stdout=out, stderr=subprocess.STDOUT if out else None
-            )
-            logger.info("started %s", name, extra={"pid": self.processes[name].pid})
+        if self.settings.metrics_port:
+            env["THYROCAD_METRICS_PORT"] = str(self.settings.metrics_port + offset)
+        return env
+
+    def _launch(self, name: str) -> None:
+        commands = process_commands()
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.processes[name] = subprocess.Popen(
+            commands[name],
+            env=self._env(list(commands).index(name)),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
+        logger.info("started %s", name, extra={"pid": self.processes[name].pid})
+
+    def start(self) -> None:
+        for name in process_commands():
+            self._launch(name)
 
     def poll(self) -> str | None:
         """The name of a process that has exited, if any."""
@@ -110,15 +125,26 @@ class Supervisor:
                 return name
         return None
 
+    def restart(self, name: str) -> bool:
+        """Start ``name`` again; False when it died too often to keep trying."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < self.restart_window]
+        if len(recent) >= self.max_restarts:
+            return False
+        self.restarts[name] = [*recent, now]
+        logger.error("%s exited with %s; restarting it", name, self.processes[name].returncode)
+        self._launch(name)
+        return True
+
     def wait(self) -> int:
-        """Block until Ctrl-C or until a process exits; then stop everything."""
+        """Block until Ctrl-C (0) or a process that keeps dying (1); then stop everything."""
         try:
-            while (ended := self.poll()) is None:
+            while True:
+                ended = self.poll()
+                if ended is not None and not self.restart(ended):
+                    logger.error("%s keeps exiting; stopping the pipeline", ended)
+                    return 1
                 time.sleep(0.5)
-            logger.error(
-                "%s exited with %s; stopping the others", ended, self.processes[ended].returncode
-            )
-            return 1
         except KeyboardInterrupt:
             return 0
         finally:

@@ -6,6 +6,7 @@ Ctrl-C stops them all.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,15 @@ from thyrocad.synthetic import write_synthetic_set
 pytestmark = pytest.mark.integration
 
 
+def child_pid(parent: int, marker: str) -> int | None:
+    """The pid of the child of ``parent`` whose command line contains ``marker``."""
+    found = subprocess.run(
+        ["pgrep", "-P", str(parent), "-f", marker], capture_output=True, text=True
+    )
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if pids else None
+
+
 def test_embedded_default_end_to_end(tmp_path: Path, tiny_model: tuple[Path, str]) -> None:
     registry, version = tiny_model
     port = free_port()
@@ -31,6 +41,10 @@ def test_embedded_default_end_to_end(tmp_path: Path, tiny_model: tuple[Path, str
         "THYROCAD_STUDY_IDLE_SECONDS": "1",
         "DATABASE_URL": "",
         "CELERY_BROKER_URL": "",
+        # a killed worker's claims are taken over quickly
+        "THYROCAD_CLAIM_LEASE_SECONDS": "5",
+        "THYROCAD_REQUEUE_INTERVAL_SECONDS": "2",
+        "THYROCAD_REQUEUE_STALE_SECONDS": "3",
     }
     cli("models", "promote", version, "--registry", str(registry), env=env)
     proc = thyrocad("serve", "--embedded", env=env, log=tmp_path / "embedded.log")
@@ -39,6 +53,14 @@ def test_embedded_default_end_to_end(tmp_path: Path, tiny_model: tuple[Path, str
         studies = write_synthetic_set(tmp_path / "studies", 3, seed=51, size=64, id_prefix="EMB")
         files = [path for p in studies for path in p.paths]
         assert send_files(files[:10], Peer("127.0.0.1", port, "THYROCAD"), "MODALITY1").ok
+        # A worker dying mid-way is restarted by the supervisor; nothing is lost.
+        inference = child_pid(proc.pid, "queues inference")
+        os.kill(inference, signal.SIGKILL)
+        wait_for(
+            lambda: child_pid(proc.pid, "queues inference") not in (None, inference),
+            30,
+            "the supervisor to restart the inference worker",
+        )
         storescu = shutil.which("storescu", path="/usr/bin")
         assert storescu, "dcmtk is required (deploy/setup.sh installs it)"
         sent = subprocess.run(

@@ -33,4 +33,4 @@ def test_a_message_being_written_is_invisible(tmp_path: Path) -> None:
         with pytest.raises(Empty):
             channel._get("inference")
         assert channel._size("inference") == 0
-    assert list(p.name for p in tmp_path.iterdir()) == [".1_abc.inference.msg.partial"]
+    assert [p.name for p in tmp_path.iterdir()] == [".1_abc.inference.msg.partial"]

@@ -249,3 +249,30 @@ def test_real_files_end_predicted_or_rejected_with_reason(
     )
     assert unexplained == 0
     assert pipeline.states().get("predicted", 0) >= len(crops)
+
+
+def test_resent_instances_are_counted_or_replaced(pipeline: Pipeline, tmp_path: Path) -> None:
+    pipeline.start()
+    files = synthetic(tmp_path, 1, seed=71)
+    assert send_files(files, pipeline.peer(), "MODALITY1").ok
+    wait_for(lambda: pipeline.states().get("predicted", 0) == len(files), 120, "first predictions")
+    # The same bytes again: counted, not processed again.
+    assert send_files(files, pipeline.peer(), "MODALITY1").ok
+    # Same SOP Instance UID, different pixels: replaced and predicted again.
+    changed = tmp_path / "changed.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.PixelData = bytes(255 - b for b in ds.PixelData)
+    ds.save_as(changed, enforce_file_format=True)
+    assert send_files([changed], pipeline.peer(), "MODALITY1").ok
+    wait_for(
+        lambda: pipeline.scalar("SELECT sum(received_count) FROM instances") == 2 * len(files) + 1,
+        60,
+        "every receipt counted",
+    )
+    assert pipeline.scalar("SELECT count(*) FROM instances") == len(files)
+    wait_for(lambda: pipeline.states().get("predicted", 0) == len(files), 120, "re-prediction")
+    # One prediction per instance and version: the replaced one overwritten, not doubled.
+    assert pipeline.scalar("SELECT count(*) FROM predictions") == len(files)
+    uid = str(ds.SOPInstanceUID)
+    spooled = pipeline.scalar(f"SELECT spool_path FROM instances WHERE sop_instance_uid = '{uid}'")
+    assert pydicom.dcmread(str(spooled)).PixelData == ds.PixelData

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from pacs.sender import send_files
+from tests.dicom_data import ultrasound_test_files
 from tests.integration.conftest import cli
 from tests.integration.site import US_IMAGE_STORAGE, Pipeline, send_raw
 from tests.procs import free_port, redis_server, wait_for
@@ -201,26 +202,12 @@ def test_bad_input_is_refused_with_reason_and_service_survives(
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def real_ultrasound_files() -> list[Path]:
-    """Every ultrasound file pydicom and pydicom-data ship."""
-    from pydicom.data import get_testdata_files
-
-    found = []
-    for name in get_testdata_files("*"):
-        try:
-            if pydicom.dcmread(name, stop_before_pixels=True).get("Modality") == "US":
-                found.append(Path(name))
-        except Exception:  # noqa: BLE001 - non-DICOM test files sit beside them
-            continue
-    return found
-
-
 def test_real_files_end_predicted_or_rejected_with_reason(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
     from thyrocad.ddti import read_crops, wrap_as_dicom
 
-    files = real_ultrasound_files()
+    files = list(ultrasound_test_files())
     assert len(files) >= 16, (
         "pydicom-data's ultrasound files are required (pip install pydicom-data)"
     )

@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageDraw
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -38,6 +37,7 @@ from pacs.pixels import (
     to_grey,
     ultrasound_region,
 )
+from tests.dicom_data import ultrasound_test_files
 
 DDTI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ddti" / "cropped"
 
@@ -69,22 +69,6 @@ SPECIFIC_REASON = re.compile(
     r"|cannot decode frame \d+ of \d+ \(.+\): \w+"
     r"|no pixel data|unsupported photometric interpretation|PALETTE COLOR without"
 )
-
-
-@cache
-def ultrasound_test_files() -> tuple[Path, ...]:
-    """Every Modality US file among pydicom's and pydicom-data's test files."""
-    found = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in get_testdata_files():
-            try:
-                ds = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["Modality"])
-            except Exception:  # not every test file is valid DICOM
-                continue
-            if ds.get("Modality") == "US":
-                found.append(Path(name))
-    return tuple(sorted(found, key=lambda p: p.name))
 
 
 def _grey_dataset(

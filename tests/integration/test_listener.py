@@ -62,8 +62,10 @@ def test_database_outage_and_sigkill_lose_nothing(tmp_path: Path, pg_url: str) -
         wait_for(
             lambda: _count(pg_url) == len(files),
             60,
-            lambda: f"{len(files)} registered, got {_count(pg_url)}:\n"
-            + (tmp_path / "up.log").read_text()[-3000:],
+            lambda: (
+                f"{len(files)} registered, got {_count(pg_url)}:\n"
+                + (tmp_path / "up.log").read_text()[-3000:]
+            ),
         )
     finally:
         stop(listener)

@@ -12,7 +12,11 @@ from worker.filesystem_broker import Transport
 
 
 def connection(folder: Path) -> Connection:
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+    }
     return Connection("filesystem://", transport=Transport, transport_options=options)
 
 
@@ -33,4 +37,4 @@ def test_a_message_being_written_is_invisible(tmp_path: Path) -> None:
         with pytest.raises(Empty):
             channel._get("inference")
         assert channel._size("inference") == 0
-    assert [p.name for p in tmp_path.iterdir()] == [".1_abc.inference.msg.partial"]
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [".1_abc.inference.msg.partial"]

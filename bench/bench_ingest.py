@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     Pipeline,
+    children_cpu_seconds,
+    cpu_delta,
+    cpu_seconds,
     dcmtk,
     free_port,
     machine,
@@ -56,14 +61,6 @@ TARGET_VS_STORESCP = 0.5
 TARGET_VS_VGG19 = 10.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from ``/proc/<pid>/stat``."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def groups(studies: list[list[Path]], senders: int) -> list[list[Path]]:
     """Whole studies dealt round-robin to ``senders`` associations."""
     out: list[list[Path]] = [[] for _ in range(senders)]
@@ -72,14 +69,28 @@ def groups(studies: list[list[Path]], senders: int) -> list[list[Path]]:
     return [g for g in out if g]
 
 
-def send_all(files: list[list[Path]], port: int, called: str, log: Path) -> float:
-    """Seconds for all senders, started together, to finish."""
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # until the receiver is done (thyrocad: registered and queued too)
+    acked: float  # until the last acknowledgement
+    receiver_cpu: float  # CPU seconds of the receiving side (thyrocad: + PostgreSQL, Redis)
+    sender_cpu: float  # CPU seconds of the storescu processes
+
+
+def send_all(files: list[list[Path]], port: int, called: str, log: Path) -> tuple[float, float]:
+    """Seconds for all senders, started together, to finish, and their CPU seconds."""
+    start, cpu = time.perf_counter(), children_cpu_seconds()
     wait_senders([storescu(group, port, called=called, log=log) for group in files], 1800)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, children_cpu_seconds() - cpu
 
 
-def to_storescp(files: list[list[Path]], workdir: Path) -> float:
+def storescp_cpu(pid: int) -> float:
+    """CPU seconds of storescp and of the children it forked and reaped (one per association)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def to_storescp(files: list[list[Path]], workdir: Path) -> Run:
     out = workdir / "storescp-out"
     out.mkdir()
     port = free_port()
@@ -89,28 +100,32 @@ def to_storescp(files: list[list[Path]], workdir: Path) -> float:
     server = subprocess.Popen(argv, env=nodelay_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: port_open(port), 10, "storescp to listen")
-        seconds = send_all(files, port, "STORESCP", workdir / "storescu-dcmtk.log")
+        cpu = storescp_cpu(server.pid)
+        seconds, sender_cpu = send_all(files, port, "STORESCP", workdir / "storescu-dcmtk.log")
         received = sum(1 for _ in out.iterdir())
         if received != sum(map(len, files)):
             raise RuntimeError(f"storescp wrote {received} of {sum(map(len, files))} files")
-        return seconds
+        time.sleep(0.2)  # let storescp reap its children, whose CPU time it then reports
+        return Run(seconds, seconds, storescp_cpu(server.pid) - cpu, sender_cpu)
     finally:
         stop_process(server, 5)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def to_thyrocad(files: list[list[Path]], p: Pipeline, queued_before: int) -> tuple[float, float]:
-    """Seconds to the last acknowledgement, and to the last instance registered and queued."""
+def to_thyrocad(files: list[list[Path]], p: Pipeline, queued_before: int) -> Run:
+    """Until the last acknowledgement, and until the last instance registered and queued."""
     n = sum(map(len, files))
-    start = time.perf_counter()
-    acked = send_all(files, p.port, "THYROCAD", p.data_dir / "storescu.log")
+    start, cpu = time.perf_counter(), p.cpu()
+    acked, sender_cpu = send_all(files, p.port, "THYROCAD", p.data_dir / "storescu.log")
     p.wait_count(
         "SELECT count(*) FROM instances WHERE state = 'queued'",
         queued_before + n,
         120,
         "registration of every instance",
+        interval=0.02,
     )
-    return acked, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return Run(seconds, acked, sum(cpu_delta(cpu, p.cpu()).values()), sender_cpu)
 
 
 def vgg19_rate(size: int, batch: int, repeats: int) -> float:
@@ -146,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         args.instances, args.repeats, args.vgg_size, args.vgg_repeats = 10, 1, 32, 2
 
     n_studies = math.ceil(args.instances / PER_STUDY)
-    dcmtk_s: list[float] = []
-    ours_acked: list[float] = []
-    ours_done: list[float] = []
+    dcmtk_runs: list[Run] = []
+    ours: list[Run] = []
     listener_cpu: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
@@ -166,47 +180,62 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("dcmtk", "thyrocad") if r % 2 == 0 else ("thyrocad", "dcmtk")
                 for who in order:
                     if who == "dcmtk":
-                        dcmtk_s.append(to_storescp(files, workdir))
+                        dcmtk_runs.append(to_storescp(files, workdir))
                     else:
                         cpu0 = cpu_seconds(pid)
-                        acked, done = to_thyrocad(files, p, queued)
+                        ours.append(to_thyrocad(files, p, queued))
                         listener_cpu.append((cpu_seconds(pid) - cpu0) / n)
-                        ours_acked.append(acked)
-                        ours_done.append(done)
                         queued += n
                 shutil.rmtree(workdir / f"round{r}")
             listener_rss = p.rss_mib("listener")
     vgg = vgg19_rate(args.vgg_size, 32, args.vgg_repeats)
 
     n = n_studies * PER_STUDY
-    dcmtk_rate = n / median(dcmtk_s)
-    ours_rate = n / median(ours_done)
+    dcmtk_rate = n / median([r.seconds for r in dcmtk_runs])
+    ours_rate = n / median([r.seconds for r in ours])
+    acked_rate = n / median([r.acked for r in ours])
     print(
         f"ingest: {n} instances per round (600 x 800 RGB, 1.44 MB), {args.senders} concurrent "
         f"storescu associations, 128 KiB PDUs, TCP_NODELAY=1; median of {args.repeats} "
         "alternating rounds"
     )
+
+    def ms(runs: list[Run], attr: str) -> float:
+        return 1e3 * median([getattr(r, attr) for r in runs]) / n
+
     rows: list[list[object]] = [
-        ["dcmtk storescp --fork (no fsync)", median(dcmtk_s), dcmtk_rate, 1.0],
-        ["thyrocad: last acknowledgement", median(ours_acked), n / median(ours_acked), ""],
+        [
+            "dcmtk storescp --fork (no fsync)",
+            median([r.seconds for r in dcmtk_runs]),
+            dcmtk_rate,
+            1.0,
+            ms(dcmtk_runs, "receiver_cpu"),
+            ms(dcmtk_runs, "sender_cpu"),
+        ],
+        ["thyrocad: last acknowledgement", median([r.acked for r in ours]), acked_rate, "", "", ""],
         [
             "thyrocad: acknowledged + registered + queued",
-            median(ours_done),
+            median([r.seconds for r in ours]),
             ours_rate,
             ours_rate / dcmtk_rate,
+            ms(ours, "receiver_cpu"),
+            ms(ours, "sender_cpu"),
         ],
-        [f"VGG-19 compiled call, batch 32, {args.vgg_size} px", "", vgg, ""],
+        [f"VGG-19 compiled call, batch 32, {args.vgg_size} px", "", vgg, "", "", ""],
     ]
-    print(table(["receiver", "seconds", "instances/s", "x storescp"], rows))
+    headers = ["receiver", "seconds", "instances/s", "x storescp"]
+    headers += ["receiver CPU ms/inst", "senders CPU ms/inst"]
+    print(table(headers, rows))
     print(
-        f"thyrocad listener: {median(listener_cpu) * 1e3:.1f} ms CPU per instance, "
-        f"RSS {listener_rss:.0f} MiB after {n * args.repeats} instances"
+        f"thyrocad's receiving side: listener {median(listener_cpu) * 1e3:.1f} ms CPU per "
+        "instance, the rest PostgreSQL and Redis; "
+        f"listener RSS {listener_rss:.0f} MiB after {n * args.repeats} instances"
     )
     print(
         "every round: "
-        + ", ".join(f"storescp {n / s:.0f}/s" for s in dcmtk_s)
+        + ", ".join(f"storescp {n / r.seconds:.0f}/s" for r in dcmtk_runs)
         + "; "
-        + ", ".join(f"thyrocad {n / s:.0f}/s" for s in ours_done)
+        + ", ".join(f"thyrocad {n / r.seconds:.0f}/s" for r in ours)
     )
     print(machine())
     print(

@@ -130,6 +130,45 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's waited-for children (e.g. finished storescu runs)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def postgres_backends(db_url: str) -> list[int]:
+    """Process ids of the PostgreSQL backends connected to this URL's database."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(db_url).database or ""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("postgres:") and f" {name} " in title:
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
 # --------------------------------------------------------------------------- synthetic data
 
 
@@ -314,8 +353,8 @@ def postgres_database() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[int]:
-    """A private Redis (no persistence) on a free port; yields the port."""
+def redis_server(folder: Path) -> Iterator[tuple[int, int]]:
+    """A private Redis (no persistence) on a free port; yields its port and process id."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed")
@@ -325,7 +364,7 @@ def redis_server(folder: Path) -> Iterator[int]:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), 10, "redis to listen")
-        yield port
+        yield port, proc.pid
     finally:
         stop_process(proc, 5)
 
@@ -383,6 +422,7 @@ class Pipeline:
     broker_url: str
     port: int
     settings: Mapping[str, str] = field(default_factory=dict)
+    redis_pid: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -428,6 +468,15 @@ class Pipeline:
     def rss_mib(self, name: str) -> float:
         return rss_mib(self.procs[name].pid)
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the pipeline, Redis and the
+        PostgreSQL backends serving this database (backends that ended are not counted)."""
+        used = {name: cpu_seconds(proc.pid) for name, proc in self.procs.items()}
+        if self.redis_pid:
+            used["redis"] = cpu_seconds(self.redis_pid)
+        used["postgres"] = sum(cpu_seconds(pid) for pid in postgres_backends(self.db_url))
+        return used
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -456,7 +505,9 @@ class Pipeline:
             self._sa_engine = sa.create_engine(self.db_url)
         return self._sa_engine
 
-    def wait_count(self, sql: str, target: int, timeout: float, what: str) -> None:
+    def wait_count(
+        self, sql: str, target: int, timeout: float, what: str, interval: float = 0.25
+    ) -> None:
         """Poll ``sql`` (a count) until it reaches ``target``; fail if a process dies."""
 
         def done() -> bool:
@@ -464,7 +515,7 @@ class Pipeline:
             return int(self.scalar(sql) or 0) >= target  # type: ignore[call-overload]
 
         try:
-            wait_for(done, timeout, what, interval=0.25)
+            wait_for(done, timeout, what, interval=interval)
         except RuntimeError as exc:
             logs = "\n".join(f"--- {n}\n{self.log_tail(n, 1500)}" for n in self.procs)
             raise RuntimeError(f"{exc}\n{logs}") from exc
@@ -483,13 +534,14 @@ def pipeline(
 ) -> Iterator[Pipeline]:
     """A migrated throw-away database, a private Redis, and (started by the caller) the
     processes; with ``model=(arch, size)`` that model is registered and active."""
-    with postgres_database() as db_url, redis_server(workdir) as redis_port:
+    with postgres_database() as db_url, redis_server(workdir) as (redis_port, redis_pid):
         p = Pipeline(
             data_dir=workdir / "data",
             db_url=db_url,
             broker_url=f"redis://127.0.0.1:{redis_port}/0",
             port=free_port(),
             settings=dict(settings or {}),
+            redis_pid=redis_pid,
         )
         p.data_dir.mkdir(parents=True, exist_ok=True)
         if model is not None:

@@ -230,37 +230,55 @@ def reconcile_spool(
     session_factory: sessionmaker[Session],
     publish: Publish,
     now: dt.datetime | None = None,
+    modified_since: float | None = None,
 ) -> int:
     """Register spooled files the database does not know (or knows with other bytes).
 
-    Returns how many instances were registered. Unreadable files are logged and
-    left in place for an operator: the spool never deletes what it acknowledged.
+    ``modified_since`` (seconds since the epoch) skips files last written before then:
+    the periodic reconciler passes the start of its previous complete pass, so a file
+    is read and hashed on one or two passes instead of on every pass for as long as it
+    stays in the spool (a full pass over 1.4 MB images costs about 3 ms per file).
+    Returns how many instances were registered. Unreadable files are logged and left
+    in place for an operator: the spool never deletes what it acknowledged.
     """
+    paths = [path for path in spool.entries() if _written_since(path, modified_since)]
     missing: list[InstanceRecord] = []
-    for path in spool.entries():
-        uid = path.stem
-        data = None
+    for start in range(0, len(paths), 256):
+        chunk = paths[start : start + 256]
         with session_factory() as session:
-            known = repository.known_instance(session, uid)
-        if known is not None:
-            data = spool.read(path)
-            if _sha256(data) == known[1]:
-                continue
-        try:
-            data = data if data is not None else spool.read(path)
-            meta = describe(read_dataset(data))
-        except (InvalidInstance, SpoolError) as exc:
-            logger.error(
-                "unreadable spooled file left in place: %s", exc, extra={"path": str(path)}
-            )
-            continue
-        entry = SpoolEntry(uid, Path(path), _sha256(data), len(data))
-        missing.append(to_record(meta, entry))
+            known = [repository.known_instance(session, path.stem) for path in chunk]
+        for path, found in zip(chunk, known, strict=True):
+            record = _unregistered(spool, path, None if found is None else found[1])
+            if record is not None:
+                missing.append(record)
     for start in range(0, len(missing), 256):
         register_and_publish(session_factory, missing[start : start + 256], publish, now)
     if missing:
         logger.info("reconciled %d spooled instances", len(missing))
     return len(missing)
+
+
+def _written_since(path: Path, since: float | None) -> bool:
+    if since is None:
+        return True
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:  # gone since it was listed
+        return False
+
+
+def _unregistered(spool: Spool, path: Path, known_sha256: str | None) -> InstanceRecord | None:
+    """The record of a spooled file unless the database already has these bytes."""
+    try:
+        data = spool.read(path)
+        digest = _sha256(data)
+        if digest == known_sha256:
+            return None
+        meta = describe(read_dataset(data))
+    except (InvalidInstance, SpoolError) as exc:
+        logger.error("unreadable spooled file left in place: %s", exc, extra={"path": str(path)})
+        return None
+    return to_record(meta, SpoolEntry(path.stem, Path(path), digest, len(data)))
 
 
 def _sha256(data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ from thyrocad.settings import Settings
 from worker.app import create_app
 
 logger = logging.getLogger(__name__)
+
+# Periodic reconciliation re-reads files written this long before its previous pass.
+RECONCILE_MARGIN_SECONDS = 10.0
 
 
 def publisher(app: Celery) -> Callable[[list[int]], None]:
@@ -71,9 +75,17 @@ def start_service(settings: Settings, observer: Observer | None = None) -> Liste
     stop = threading.Event()
 
     def reconcile_forever() -> None:
+        since: float | None = None  # the first pass, at start-up, reads every file
         while True:
+            started = time.time()
+            if since is not None and started < since:
+                since = None  # the clock went back: trust no modification time
             try:
-                reconcile_spool(spool, sessions, publish)
+                reconcile_spool(spool, sessions, publish, modified_since=since)
+                # Every file written before this pass began is now registered with its
+                # bytes; the margin covers a file written just before the pass and
+                # renamed into place after its folder was listed.
+                since = started - RECONCILE_MARGIN_SECONDS
             except Exception:
                 logger.exception("spool reconciliation failed; retrying later")
             if stop.wait(settings.reconcile_interval_seconds):

@@ -253,11 +253,11 @@ def test_resent_instances_are_counted_or_replaced(pipeline: Pipeline, tmp_path: 
     assert send_files([changed], pipeline.peer(), "MODALITY1").ok
     wait_for(
         lambda: pipeline.scalar("SELECT sum(received_count) FROM instances") == 2 * len(files) + 1,
-        60,
+        120,
         "every receipt counted",
     )
     assert pipeline.scalar("SELECT count(*) FROM instances") == len(files)
-    wait_for(lambda: pipeline.states().get("predicted", 0) == len(files), 120, "re-prediction")
+    wait_for(lambda: pipeline.states().get("predicted", 0) == len(files), 240, "re-prediction")
     # One prediction per instance and version: the replaced one overwritten, not doubled.
     assert pipeline.scalar("SELECT count(*) FROM predictions") == len(files)
     uid = str(ds.SOPInstanceUID)

@@ -76,10 +76,12 @@ def start_service(settings: Settings, observer: Observer | None = None) -> Liste
 
     def reconcile_forever() -> None:
         since: float | None = None  # the first pass, at start-up, reads every file
+        wall_offset = time.time() - time.monotonic()
         while True:
             started = time.time()
-            if since is not None and started < since:
-                since = None  # the clock went back: trust no modification time
+            if started - time.monotonic() < wall_offset - 1.0:
+                since = None  # the wall clock went back: modification times mislead
+            wall_offset = started - time.monotonic()
             try:
                 reconcile_spool(spool, sessions, publish, modified_since=since)
                 # Every file written before this pass began is now registered with its

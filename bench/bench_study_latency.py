@@ -1,6 +1,6 @@
 """Benchmark: study latency, last image received → study result stored, vs the idle time.
 
-A study's result is computed once it has been quiet (nothing received or predicted) for
+A study's result is computed once nothing of it has been received for
 ``THYROCAD_STUDY_IDLE_SECONDS``; the finalise task runs every
 ``THYROCAD_FINALISE_INTERVAL_SECONDS`` (1 s by default). The target: latency ≤ idle + 2 s
 at the 95th percentile, under half load.

@@ -95,7 +95,7 @@ def register_and_publish(
     """
     now = now or utcnow()
     with session_factory.begin() as session:
-        outcomes = [repository.register_instance(session, rec, now) for rec in records]
+        outcomes = repository.register_instances(session, records, now)
     fresh = [o.instance_id for o in outcomes if o.outcome in ("new", "replaced")]
     if fresh:
         try:

@@ -317,6 +317,75 @@ class RepositoryContract:
             for table in (Patient, Study, Series, Instance):
                 assert session.scalar(select(func.count()).select_from(table)) == 1
 
+    def test_batch_registration_equals_one_by_one(self, sessions: sessionmaker[Session]) -> None:
+        def scenario(p: str) -> tuple[list[InstanceRecord], list[InstanceRecord]]:
+            def rec(sop: str, study: str, patient: str, **changes: Any) -> InstanceRecord:
+                return instance_rec(
+                    f"{p}{sop}", study=f"{p}{study}", patient=f"{p}{patient}", **changes
+                )
+
+            before = [rec("old1", "S0", "P0"), rec("old2", "S0", "P0")]
+            batch = [
+                rec("new1", "S1", "P1", patient_name=None, accession_number=None),
+                rec("new2", "S1", "P1", patient_name="Roe^Ann", accession_number="ACC2"),
+                rec("old1", "S0", "P0"),  # duplicate of a registered instance
+                rec("old2", "S0", "P0", sha256=SHA_B),  # replaced
+                rec("new1", "S1", "P1"),  # duplicate within the batch
+                rec("new3", "S0", "P2"),  # a known study keeps its first patient
+                rec("new4", "S2", "P0", patient_sex="M"),  # a known patient's refresh
+            ]
+            return before, batch
+
+        def snapshot(session: Session, p: str) -> list[tuple[Any, ...]]:
+            def strip(value: Any) -> Any:
+                return value.removeprefix(p) if isinstance(value, str) else value
+
+            queries = [
+                select(Patient.patient_key, Patient.patient_name, Patient.sex, Patient.birth_date),
+                select(
+                    Study.study_instance_uid,
+                    Patient.patient_key,
+                    Study.accession_number,
+                    Study.first_received_at,
+                    Study.last_received_at,
+                ).join(Patient, Patient.id == Study.patient_id),
+                select(Series.series_instance_uid, Study.study_instance_uid).join(
+                    Study, Study.id == Series.study_id
+                ),
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.state,
+                    Instance.received_count,
+                    Instance.sha256,
+                    Series.series_instance_uid,
+                ).join(Series, Series.id == Instance.series_id),
+            ]
+            rows = [row for q in queries for row in session.execute(q) if row[0].startswith(p)]
+            return sorted((tuple(map(strip, row)) for row in rows), key=repr)
+
+        one_before, one_batch = scenario("A.")
+        many_before, many_batch = scenario("B.")
+        with sessions.begin() as session:
+            for rec in one_before + many_before:
+                repo.register_instance(session, rec, now=at(0))
+        with sessions.begin() as session:
+            singly = [repo.register_instance(session, rec, now=at(5)) for rec in one_batch]
+            batched = repo.register_instances(session, many_batch, now=at(5))
+        assert [(o.outcome, o.state) for o in batched] == [(o.outcome, o.state) for o in singly]
+        assert [o.outcome for o in batched] == [
+            "new",
+            "new",
+            "duplicate",
+            "replaced",
+            "duplicate",
+            "new",
+            "new",
+        ]
+        assert batched[4].instance_id == batched[0].instance_id
+        with sessions() as session:
+            assert snapshot(session, "B.") == snapshot(session, "A.")
+            assert len(snapshot(session, "A.")) == 3 + 3 + 3 + 6, snapshot(session, "A.")
+
     def test_patients_studies_and_demographics(self, sessions: sessionmaker[Session]) -> None:
         recs = [
             instance_rec("2.1", study="S1", patient=""),
@@ -490,6 +559,16 @@ class RepositoryContract:
             assert stored(session) == [(0, "v1", 0.9), (0, "v2", 0.1)]
 
     # ------------------------------------------------------------- results
+
+    def test_study_idle_counts_from_last_receipt(self, sessions: sessionmaker[Session]) -> None:
+        # Received at 0 and 1, predicted only at 25 (a slow model): with 30 s
+        # idle the study is due at 31 s after its last image, not 30 s after
+        # its last prediction.
+        ids = register_all(sessions, [instance_rec("12.1"), instance_rec("12.2")])
+        predict_all(sessions, ids, 0.7, at(25))
+        with sessions() as session:
+            assert repo.studies_to_finalise(session, 30, now=at(30)) == []
+            assert len(repo.studies_to_finalise(session, 30, now=at(32))) == 1
 
     def test_study_finalisation_and_revisions(self, sessions: sessionmaker[Session]) -> None:
         ids = register_all(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, exists, func, insert, or_, select, update
+from sqlalchemy import case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.errors import RepositoryError
@@ -38,10 +38,12 @@ def studies_to_finalise(
     """Ids of studies to aggregate now, least recently active first.
 
     A study qualifies when a prediction arrived since its last result
-    (``needs_finalise``), nothing was received or predicted for
-    ``idle_seconds``, and none of its instances is still waiting for or in
-    inference — so a result is computed once over the whole study, and a
-    late image later simply produces a new revision.
+    (``needs_finalise``), no image of it was received for ``idle_seconds``,
+    and none of its instances is still waiting for or in inference — so a
+    result is computed once over the whole study, and a late image later
+    simply produces a new revision. Idle counts from the last receipt, not
+    the last prediction: the study's own inference time must not be added
+    to the wait a radiologist sees.
     """
     cutoff = _now(now) - timedelta(seconds=idle_seconds)
     unsettled = exists().where(Instance.study_id == Study.id, Instance.state.in_(UNSETTLED_STATES))
@@ -51,7 +53,6 @@ def studies_to_finalise(
             .where(
                 Study.needs_finalise.is_(True),
                 Study.last_received_at < cutoff,
-                or_(Study.last_predicted_at.is_(None), Study.last_predicted_at < cutoff),
                 ~unsettled,
             )
             .order_by(Study.last_received_at, Study.id)

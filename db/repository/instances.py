@@ -38,7 +38,15 @@ from db.schema import (
 def register_instance(
     session: Session, rec: InstanceRecord, now: datetime | None = None
 ) -> RegisterOutcome:
-    """Record a spooled instance with its patient, study and series.
+    """Register one instance: :func:`register_instances` with a batch of one."""
+    (outcome,) = register_instances(session, [rec], now)
+    return outcome
+
+
+def register_instances(
+    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None
+) -> list[RegisterOutcome]:
+    """Record spooled instances with their patients, studies and series.
 
     Keyed by SOP Instance UID: a new UID is stored in state ``received``
     (outcome ``new``); the same UID with the same sha256 only increments
@@ -47,57 +55,161 @@ def register_instance(
     reason and claim cleared (``replaced``) — its old predictions stay as
     history and are overwritten when the same model version predicts again.
     Demographics are refreshed with any non-empty new value; a study keeps
-    the patient it was first registered under.
+    the patient it was first registered under. Returns one outcome per
+    record, in order; the result equals registering the records one by one.
+
+    Each table gets one multi-row statement per batch (the listener registers
+    up to 64 instances at a time, and four statements per image were most of
+    its registration cost); a UID repeated within ``records`` starts a new batch.
     """
     now = _now(now)
-    patient_key = patient_key_for(rec.patient_key, rec.study_instance_uid)
+    outcomes: list[RegisterOutcome] = []
+    batch: list[InstanceRecord] = []
+    seen: set[str] = set()
+    for rec in records:
+        if rec.sop_instance_uid in seen:
+            outcomes += _register_batch(session, batch, now)
+            batch, seen = [], set()
+        batch.append(rec)
+        seen.add(rec.sop_instance_uid)
+    if batch:
+        outcomes += _register_batch(session, batch, now)
+    return outcomes
 
-    demographics = {
-        "patient_name": rec.patient_name or None,
-        "birth_date": rec.patient_birth_date,
-        "sex": rec.patient_sex or None,
-    }
+
+def _last_given(rows: Sequence[dict[str, object]]) -> dict[str, object]:
+    """Per field, the last non-empty value: what registering one by one would leave."""
+    merged: dict[str, object] = {}
+    for row in rows:
+        merged.update({name: value for name, value in row.items() if value is not None})
+    return merged
+
+
+def _group(
+    keys: Sequence[str], rows: Sequence[dict[str, object]]
+) -> dict[str, list[dict[str, object]]]:
+    grouped: dict[str, list[dict[str, object]]] = {}
+    for key, row in zip(keys, rows, strict=True):
+        grouped.setdefault(key, []).append(row)
+    # Sorted keys: every registrar locks rows of one table in the same order.
+    return dict(sorted(grouped.items()))
+
+
+def _register_batch(
+    session: Session, records: Sequence[InstanceRecord], now: datetime
+) -> list[RegisterOutcome]:
+    """Register records with distinct SOP Instance UIDs (see register_instances)."""
+    patient_keys = [patient_key_for(r.patient_key, r.study_instance_uid) for r in records]
+    patient_ids = _upsert_patients(session, records, patient_keys, now)
+    study_ids = _upsert_studies(session, records, patient_keys, patient_ids, now)
+    series_ids = _upsert_series(session, records, study_ids)
+    return _upsert_instances(session, records, study_ids, series_ids, now)
+
+
+def _upsert_patients(
+    session: Session, records: Sequence[InstanceRecord], keys: Sequence[str], now: datetime
+) -> dict[str, int]:
+    demographics = _group(
+        keys,
+        [
+            {
+                "patient_name": r.patient_name or None,
+                "birth_date": r.patient_birth_date,
+                "sex": r.patient_sex or None,
+            }
+            for r in records
+        ],
+    )
+    wanted = {key: _last_given(rows) for key, rows in demographics.items()}
     # DO NOTHING rather than DO UPDATE: an upsert would lock the patient row on
     # every image, and a finaliser holding it would then stall the listener.
-    patient_id = session.execute(
-        _insert(session, Patient)
-        .values(patient_key=patient_key, created_at=now, **demographics)
-        .on_conflict_do_nothing(index_elements=[Patient.patient_key])
-        .returning(Patient.id)
-    ).scalar_one_or_none()
-    if patient_id is None:
-        known = session.execute(
-            select(Patient.id, Patient.patient_name, Patient.birth_date, Patient.sex).where(
-                Patient.patient_key == patient_key
+    ids: dict[str, int] = dict(
+        session.execute(
+            _insert(session, Patient)
+            .values(
+                [
+                    {
+                        "patient_key": key,
+                        "created_at": now,
+                        "patient_name": None,
+                        "birth_date": None,
+                        "sex": None,
+                        **values,
+                    }
+                    for key, values in wanted.items()
+                ]
             )
-        ).one()
-        patient_id = known.id
+            .on_conflict_do_nothing(index_elements=[Patient.patient_key])
+            .returning(Patient.patient_key, Patient.id)
+        )
+        .tuples()
+        .all()
+    )
+    known = [key for key in wanted if key not in ids]
+    if not known:
+        return ids
+    rows = session.execute(
+        select(
+            Patient.patient_key, Patient.id, Patient.patient_name, Patient.birth_date, Patient.sex
+        ).where(Patient.patient_key.in_(known))
+    ).all()
+    for row in rows:
+        ids[row.patient_key] = row.id
         # Refresh demographics with any non-empty value that differs (rare).
         changes = {
             name: value
-            for name, value in demographics.items()
-            if value is not None and value != getattr(known, name)
+            for name, value in wanted[row.patient_key].items()
+            if value != getattr(row, name)
         }
         if changes:
             session.execute(
                 update(Patient)
-                .where(Patient.id == patient_id)
+                .where(Patient.id == row.id)
                 .values(**changes)
                 .execution_options(**_no_sync())
             )
+    return ids
 
+
+def _upsert_studies(
+    session: Session,
+    records: Sequence[InstanceRecord],
+    patient_keys: Sequence[str],
+    patient_ids: dict[str, int],
+    now: datetime,
+) -> dict[str, int]:
+    first_patient: dict[str, int] = {}
+    for rec, key in zip(records, patient_keys, strict=True):
+        first_patient.setdefault(rec.study_instance_uid, patient_ids[key])
+    details = _group(
+        [r.study_instance_uid for r in records],
+        [
+            {
+                "study_date": r.study_date,
+                "accession_number": r.accession_number or None,
+                "description": r.study_description or None,
+            }
+            for r in records
+        ],
+    )
     ins = _insert(session, Study)
-    study_id = session.execute(
+    statement = (
         ins.values(
-            study_instance_uid=rec.study_instance_uid,
-            patient_id=patient_id,
-            study_date=rec.study_date,
-            accession_number=rec.accession_number or None,
-            description=rec.study_description or None,
-            first_received_at=now,
-            last_received_at=now,
-            needs_finalise=False,
-            prediction_epoch=0,
+            [
+                {
+                    "study_instance_uid": uid,
+                    "patient_id": first_patient[uid],
+                    "study_date": None,
+                    "accession_number": None,
+                    "description": None,
+                    **_last_given(rows),
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "needs_finalise": False,
+                    "prediction_epoch": 0,
+                }
+                for uid, rows in details.items()
+            ]
         )
         .on_conflict_do_update(
             index_elements=[Study.study_instance_uid],
@@ -110,16 +222,37 @@ def register_instance(
                 "description": func.coalesce(ins.excluded.description, Study.description),
             },
         )
-        .returning(Study.id)
-    ).scalar_one()
+        .returning(Study.study_instance_uid, Study.id)
+    )
+    return dict(session.execute(statement).tuples().all())
 
+
+def _upsert_series(
+    session: Session, records: Sequence[InstanceRecord], study_ids: dict[str, int]
+) -> dict[str, int]:
+    first_study: dict[str, int] = {}
+    for rec in records:
+        first_study.setdefault(rec.series_instance_uid, study_ids[rec.study_instance_uid])
+    details = _group(
+        [r.series_instance_uid for r in records],
+        [
+            {"modality": r.modality or None, "description": r.series_description or None}
+            for r in records
+        ],
+    )
     ins = _insert(session, Series)
-    series_id = session.execute(
+    statement = (
         ins.values(
-            series_instance_uid=rec.series_instance_uid,
-            study_id=study_id,
-            modality=rec.modality or None,
-            description=rec.series_description or None,
+            [
+                {
+                    "series_instance_uid": uid,
+                    "study_id": first_study[uid],
+                    "modality": None,
+                    "description": None,
+                    **_last_given(rows),
+                }
+                for uid, rows in details.items()
+            ]
         )
         .on_conflict_do_update(
             index_elements=[Series.series_instance_uid],
@@ -128,69 +261,113 @@ def register_instance(
                 "description": func.coalesce(ins.excluded.description, Series.description),
             },
         )
-        .returning(Series.id)
-    ).scalar_one()
+        .returning(Series.series_instance_uid, Series.id)
+    )
+    return dict(session.execute(statement).tuples().all())
 
-    file_values = {
-        "series_id": series_id,
-        "study_id": study_id,
-        "sop_class_uid": rec.sop_class_uid,
-        "transfer_syntax_uid": rec.transfer_syntax_uid,
-        "number_of_frames": rec.number_of_frames,
-        "spool_path": rec.spool_path,
-        "sha256": rec.sha256,
-        "size_bytes": rec.size_bytes,
+
+def _upsert_instances(
+    session: Session,
+    records: Sequence[InstanceRecord],
+    study_ids: dict[str, int],
+    series_ids: dict[str, int],
+    now: datetime,
+) -> list[RegisterOutcome]:
+    file_values: dict[str, dict[str, object]] = {
+        rec.sop_instance_uid: {
+            "series_id": series_ids[rec.series_instance_uid],
+            "study_id": study_ids[rec.study_instance_uid],
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "number_of_frames": rec.number_of_frames,
+            "spool_path": rec.spool_path,
+            "sha256": rec.sha256,
+            "size_bytes": rec.size_bytes,
+        }
+        for rec in records
     }
-    new_id = session.execute(
-        _insert(session, Instance)
-        .values(
-            sop_instance_uid=rec.sop_instance_uid,
-            state="received",
-            received_count=1,
-            received_at=now,
-            updated_at=now,
-            attempts=0,
-            **file_values,
+    uids = sorted(file_values)
+    new_ids: dict[str, int] = dict(
+        session.execute(
+            _insert(session, Instance)
+            .values(
+                [
+                    {
+                        "sop_instance_uid": uid,
+                        "state": "received",
+                        "received_count": 1,
+                        "received_at": now,
+                        "updated_at": now,
+                        "attempts": 0,
+                        **file_values[uid],
+                    }
+                    for uid in uids
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+            .returning(Instance.sop_instance_uid, Instance.id)
         )
-        .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
-        .returning(Instance.id)
-    ).scalar_one_or_none()
-    if new_id is not None:
-        return RegisterOutcome(instance_id=new_id, outcome="new", state="received")
+        .tuples()
+        .all()
+    )
+    outcomes = {
+        uid: RegisterOutcome(instance_id=iid, outcome="new", state="received")
+        for uid, iid in new_ids.items()
+    }
+    known = [uid for uid in uids if uid not in new_ids]
+    if known:
+        outcomes.update(_register_known(session, known, file_values, now))
+    return [outcomes[rec.sop_instance_uid] for rec in records]
 
-    # Known UID. The row lock (PostgreSQL) or the write lock already held
-    # (SQLite) keeps a concurrent registration of the same UID out until commit.
+
+def _register_known(
+    session: Session,
+    uids: Sequence[str],
+    file_values: dict[str, dict[str, object]],
+    now: datetime,
+) -> dict[str, RegisterOutcome]:
+    """Count re-sent identical instances; replace the ones whose bytes changed."""
+    # The row locks (PostgreSQL) or the write lock already held (SQLite) keep a
+    # concurrent registration of the same UIDs out until commit.
     existing = session.execute(
-        select(Instance.id, Instance.sha256, Instance.state)
-        .where(Instance.sop_instance_uid == rec.sop_instance_uid)
+        select(Instance.sop_instance_uid, Instance.id, Instance.sha256, Instance.state)
+        .where(Instance.sop_instance_uid.in_(uids))
+        .order_by(Instance.sop_instance_uid)
         .with_for_update()
-    ).one()
-    if existing.sha256 == rec.sha256:
+    ).all()
+    outcomes: dict[str, RegisterOutcome] = {}
+    duplicate_ids: list[int] = []
+    for row in existing:
+        values = file_values[row.sop_instance_uid]
+        if row.sha256 == values["sha256"]:
+            duplicate_ids.append(row.id)
+            outcomes[row.sop_instance_uid] = RegisterOutcome(row.id, "duplicate", row.state)
+            continue
         session.execute(
             update(Instance)
-            .where(Instance.id == existing.id)
+            .where(Instance.id == row.id)
+            .values(
+                state="received",
+                reason=None,
+                claim_token=None,
+                claimed_at=None,
+                attempts=0,
+                received_count=Instance.received_count + 1,
+                received_at=now,
+                updated_at=now,
+                **values,
+            )
+            .execution_options(**_no_sync())
+        )
+        outcomes[row.sop_instance_uid] = RegisterOutcome(row.id, "replaced", "received")
+    if duplicate_ids:
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(duplicate_ids))
             .values(received_count=Instance.received_count + 1)
             .execution_options(**_no_sync())
         )
-        return RegisterOutcome(instance_id=existing.id, outcome="duplicate", state=existing.state)
-
-    session.execute(
-        update(Instance)
-        .where(Instance.id == existing.id)
-        .values(
-            state="received",
-            reason=None,
-            claim_token=None,
-            claimed_at=None,
-            attempts=0,
-            received_count=Instance.received_count + 1,
-            received_at=now,
-            updated_at=now,
-            **file_values,
-        )
-        .execution_options(**_no_sync())
-    )
-    return RegisterOutcome(instance_id=existing.id, outcome="replaced", state="received")
+    return outcomes
 
 
 def record_rejection(

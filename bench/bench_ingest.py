@@ -8,7 +8,8 @@ images are 600 x 800 RGB ultrasound screens (1.44 MB each).
 - thyrocad: ``thyrocad serve`` doing its real work: parse the header, spool with fsync
   (file and folder), then on its intake thread register in PostgreSQL and publish a Celery
   task to Redis. Its time runs from the first association to the later of the last
-  acknowledgement and the last instance registered and queued.
+  acknowledgement and the last instance registered and queued. ``--listener-processes``
+  sets THYROCAD_LISTENER_PROCESSES (storescp --fork uses a process per association too).
 
 The two receivers alternate over ``--repeats`` rounds, each round with new UIDs, and the
 medians are compared. After each round, VGG-19's inference rate (compiled call, batch 32,
@@ -17,6 +18,7 @@ ratio is the median of the rounds' ingest over the VGG-19 rate measured right af
 
     python bench/bench_ingest.py                    # 400 instances x 3 rounds
     python bench/bench_ingest.py --instances 1000 --repeats 5
+    python bench/bench_ingest.py --listener-processes 2
     python bench/bench_ingest.py --smoke            # tiny: proves the script runs
 """
 
@@ -42,7 +44,6 @@ from bench.common import (  # noqa: E402
     Pipeline,
     children_cpu_seconds,
     cpu_delta,
-    cpu_seconds,
     dcmtk,
     free_port,
     machine,
@@ -53,6 +54,7 @@ from bench.common import (  # noqa: E402
     stop_process,
     storescu,
     table,
+    tree_cpu_seconds,
     wait_for,
     wait_senders,
     write_studies,
@@ -162,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per receiver")
     parser.add_argument("--vgg-size", type=int, default=224)
     parser.add_argument("--vgg-repeats", type=int, default=2, help="batches of 32 per round")
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        default=1,
+        help="THYROCAD_LISTENER_PROCESSES: listener processes sharing the port",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny configuration (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     vgg_rate = vgg19(args.vgg_size, 32)  # measured after every round, beside the ingest
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
-        with pipeline(workdir) as p:
+        with pipeline(workdir, {"THYROCAD_LISTENER_PROCESSES": str(args.listener_processes)}) as p:
             p.start("listener")
             pid = p.procs["listener"].pid
             queued = 0
@@ -191,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                     if who == "dcmtk":
                         dcmtk_runs.append(to_storescp(files, workdir))
                     else:
-                        cpu0 = cpu_seconds(pid)
+                        cpu0 = tree_cpu_seconds(pid)
                         ours.append(to_thyrocad(files, p, queued))
-                        listener_cpu.append((cpu_seconds(pid) - cpu0) / n)
+                        listener_cpu.append((tree_cpu_seconds(pid) - cpu0) / n)
                         queued += n
                 shutil.rmtree(workdir / f"round{r}")
                 vgg.append(vgg_rate(args.vgg_repeats))
@@ -204,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_rate = n / median([r.seconds for r in ours])
     acked_rate = n / median([r.acked for r in ours])
     print(
-        f"ingest: {n} instances per round (600 x 800 RGB, 1.44 MB), {args.senders} concurrent "
+        f"ingest: thyrocad with {args.listener_processes} listener process(es); "
+        f"{n} instances per round (600 x 800 RGB, 1.44 MB), {args.senders} concurrent "
         f"storescu associations, 128 KiB PDUs, TCP_NODELAY=1; median of {args.repeats} "
         "alternating rounds"
     )

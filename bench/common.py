@@ -139,6 +139,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants (a listener's processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += cpu_seconds(current)
+        todo += children.get(current, [])
+    return total
+
+
 def children_cpu_seconds() -> float:
     """CPU seconds of this process's waited-for children (e.g. finished storescu runs)."""
     import resource
@@ -471,7 +488,7 @@ class Pipeline:
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far by each process of the pipeline, Redis and the
         PostgreSQL backends serving this database (backends that ended are not counted)."""
-        used = {name: cpu_seconds(proc.pid) for name, proc in self.procs.items()}
+        used = {name: tree_cpu_seconds(proc.pid) for name, proc in self.procs.items()}
         if self.redis_pid:
             used["redis"] = cpu_seconds(self.redis_pid)
         used["postgres"] = sum(cpu_seconds(pid) for pid in postgres_backends(self.db_url))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import types
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs.association_io import tune_association
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import (
     STATUS_OUT_OF_RESOURCES,
@@ -46,10 +47,6 @@ from pacs.meta import (
 from pacs.spool import Spool, SpoolEntry
 
 logger = logging.getLogger(__name__)
-
-# Reads up to this length go straight into one buffer; a PDU is at most the listener's
-# max_pdu_size (128 KiB by default) plus its 6-byte header.
-_RECV_PREALLOCATE = 1024 * 1024
 
 # Every syntax pydicom can decode with Pillow/pylibjpeg installed.
 ACCEPTED_TRANSFER_SYNTAXES = [
@@ -79,6 +76,18 @@ class ListenerConfig:
     allowed_aets: Sequence[str] = field(default_factory=tuple)
     max_associations: int = 16
     max_pdu_size: int = 131072
+    # Several listener processes share the port (SO_REUSEPORT): the kernel spreads new
+    # connections over them, so decoding runs on more than one core.
+    share_port: bool = False
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other processes may bind too."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None  # made by TCPServer before it binds
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class Intake(Protocol):
@@ -127,46 +136,6 @@ def handle_echo(event: Any) -> int:
     return STATUS_SUCCESS
 
 
-def _tune_socket(event: Any) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY, and whole-PDU reads on the accepted socket."""
-    try:
-        transport = event.assoc.dul.socket
-        # Nagle's algorithm halves DICOM throughput and adds 40-60 ms stalls.
-        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        logger.debug("could not set TCP_NODELAY")
-        return
-    # pynetdicom reads a PDU 4 KiB at a time: 350 recv calls for a 1.4 MB image, each
-    # dropping and retaking the GIL against the other associations and the intake.
-    transport.recv = types.MethodType(_recv_exactly, transport)
-
-
-def _recv_exactly(transport: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` in as few system calls as the kernel allows: block until
-    ``nr_bytes`` arrived; if the peer closes first, return what came (as pynetdicom does)."""
-    if nr_bytes > _RECV_PREALLOCATE:
-        # Longer than any PDU we accept: memory grows with what arrives, not with the
-        # length the peer announced.
-        received = bytearray()
-        while len(received) < nr_bytes:
-            part = transport.socket.recv(min(nr_bytes - len(received), _RECV_PREALLOCATE))
-            if not part:
-                break
-            received += part
-        return received
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        got = transport.socket.recv_into(view[nr_read:])
-        if not got:
-            view.release()
-            del buffer[nr_read:]
-            break
-        nr_read += got
-    return buffer
-
-
 def make_ae(config: ListenerConfig) -> AE:
     """An Application Entity that accepts ultrasound storage and verification."""
     ae = AE(ae_title=config.ae_title)
@@ -188,12 +157,18 @@ def start_listener(
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, intake]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_CONN_OPEN, _tune_socket),
+        (evt.EVT_CONN_OPEN, tune_association),
         (evt.EVT_ACCEPTED, lambda event: intake.association("accepted")),
         (evt.EVT_REJECTED, lambda event: intake.association("refused")),
     ]
-    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
-    assert server is not None  # non-blocking start always returns the server
+    server = ae.make_server(
+        (config.host, config.port),
+        evt_handlers=handlers,
+        server_class=_SharedPortServer if config.share_port else ThreadedAssociationServer,
+    )
+    # As AE.start_server does for its own servers: server.shutdown() removes it again.
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name="thyrocad-acceptor", daemon=True).start()
     logger.info(
         "listening",
         extra={"ae_title": config.ae_title, "host": config.host, "port": config.port},

@@ -45,9 +45,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def process_commands(metrics_port: int = 0) -> dict[str, list[str]]:
+def cli_command() -> list[str]:
+    """How a child process runs the thyrocad CLI with this interpreter."""
+    return [sys.executable, "-m", "thyrocad"]
+
+
+def process_commands() -> dict[str, list[str]]:
     """The command line of each embedded process."""
-    cli = [sys.executable, "-m", "thyrocad"]
+    cli = cli_command()
     return {
         "listener": [*cli, "serve"],
         "inference": [
@@ -78,13 +83,18 @@ def process_commands(metrics_port: int = 0) -> dict[str, list[str]]:
 
 @dataclass
 class Supervisor:
-    """Starts the embedded processes, restarts one that dies, stops them all on Ctrl-C.
+    """Starts processes (the embedded pipeline's unless ``commands`` is given), restarts
+    one that dies, stops them all on Ctrl-C or SIGTERM.
 
     A process that keeps dying (``max_restarts`` within ``restart_window`` seconds)
-    stops the whole pipeline: something is wrong that a restart will not mend.
+    stops them all: something is wrong that a restart will not mend.
     """
 
     settings: Settings
+    commands: Mapping[str, list[str]] = field(default_factory=process_commands)
+    # Each process serves metrics on its own port (the settings' port + its position);
+    # False when the supervising process serves theirs (multiprocess metrics).
+    own_metrics_port: bool = True
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # When set, each process writes to <log_dir>/<name>.log instead of the terminal.
     log_dir: Path | None = None
@@ -96,12 +106,12 @@ class Supervisor:
     def _env(self, offset: int) -> dict[str, str]:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         # Each process would otherwise bind the same metrics port.
-        if self.settings.metrics_port:
+        if self.settings.metrics_port and self.own_metrics_port:
             env["THYROCAD_METRICS_PORT"] = str(self.settings.metrics_port + offset)
         return env
 
     def _launch(self, name: str) -> None:
-        commands = process_commands()
+        commands = self.commands
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +125,7 @@ class Supervisor:
         logger.info("started %s", name, extra={"pid": self.processes[name].pid})
 
     def start(self) -> None:
-        for name in process_commands():
+        for name in self.commands:
             self._launch(name)
 
     def poll(self) -> str | None:
@@ -137,7 +147,13 @@ class Supervisor:
         return True
 
     def wait(self) -> int:
-        """Block until Ctrl-C (0) or a process that keeps dying (1); then stop everything."""
+        """Block until Ctrl-C or SIGTERM (0) or a process that keeps dying (1); then stop
+        everything."""
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             while True:
                 ended = self.poll()

@@ -239,12 +239,11 @@ def start_health_server(
     return HealthServer(settings.metrics_host, settings.metrics_port, registry, readiness).start()
 
 
-def listener_collectors(settings: Settings, service: Any) -> list[Collector]:
-    """Collectors of the listener process: spool, open associations, the deployment."""
-    server = service.server
+def listener_collectors(settings: Settings, spool: Any) -> list[Collector]:
+    """Collectors of the listener: the spool and the deployment (scraped once for all
+    listener processes)."""
     return [
-        metrics.SpoolCollector(service.spool, settings.spool_min_free_mb * 2**20),  # type: ignore[list-item]
-        metrics.AssociationCollector(lambda: len(server.active_associations)),  # type: ignore[list-item]
+        metrics.SpoolCollector(spool, settings.spool_min_free_mb * 2**20),  # type: ignore[list-item]
         metrics.ClusterCollector(settings),  # type: ignore[list-item]
     ]
 

@@ -6,9 +6,13 @@ are never logged, and a filter drops such keys if a caller passes them anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 # Keys that could carry patient identity: never written, whoever passes them.
@@ -59,3 +63,28 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     # pynetdicom logs every PDU at INFO: too chatty for an always-on service.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_output_logged(logger: logging.Logger) -> Iterator[None]:
+    """While the block runs, what native code writes to file descriptor 2 becomes log
+    records of ``logger``, one per line.
+
+    TensorFlow prints to the raw stderr when it is imported, before anything can set up
+    its logging (TF_CPP_MIN_LOG_LEVEL does not silence "oneDNN custom operations are
+    on"); with JSON logs that would break one JSON object per line.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    logger.info("%s", line.strip())

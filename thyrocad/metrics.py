@@ -188,6 +188,12 @@ class _Metrics:
         self.associations = Counter(
             "thyrocad_associations", "DICOM associations, by outcome.", ["outcome"]
         )
+        # Summed over the listener processes that are alive (THYROCAD_LISTENER_PROCESSES).
+        self.associations_open = Gauge(
+            "thyrocad_associations_open",
+            "DICOM associations open now.",
+            multiprocess_mode="livesum",
+        )
         # Workers
         self.batch_seconds = Histogram(
             "thyrocad_inference_batch_duration_seconds",
@@ -292,6 +298,8 @@ def observe_intake(event: str, fields: dict[str, object]) -> None:
         m.associations.labels(safe_label(fields.get("outcome"), ASSOCIATION_OUTCOMES)).inc()
     elif event == "registered":
         m.registered.labels(safe_label(fields.get("outcome"), REGISTER_OUTCOMES)).inc()
+    elif event == "associations_open":
+        m.associations_open.set(_number(fields.get("count")))
 
 
 def observe_training(outcome: str, seconds: float) -> None:
@@ -499,21 +507,6 @@ class SpoolCollector:
         yield from (free_f, used_f, files_f, min_f)
 
 
-class AssociationCollector:
-    """Open DICOM associations of a running listener."""
-
-    def __init__(self, count: Callable[[], int]) -> None:
-        self._count = count
-
-    def describe(self) -> Iterable[Any]:
-        return [_gauge("thyrocad_associations_open", "DICOM associations open now.")]
-
-    def collect(self) -> Iterator[Any]:
-        family = _gauge("thyrocad_associations_open", "DICOM associations open now.")
-        family.add_metric([], float(self._count()))
-        yield family
-
-
 class ClusterCollector:
     """What the database and broker say about the whole deployment, on scrape.
 
@@ -647,7 +640,6 @@ def exported_names() -> set[str]:
                 names |= {family.name + s for s in suffixes.get(family.type, ("",))}
     families: list[Any] = [
         *SpoolCollector.families(),
-        *AssociationCollector(lambda: 0).describe(),
         *ClusterCollector.families(),
     ]
     names |= {family.name for family in families}

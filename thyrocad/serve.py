@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,6 +16,7 @@ from db.engine import make_engine, make_session_factory
 from pacs.intake import Intake, Observer, reconcile_spool
 from pacs.listener import ListenerConfig, start_listener
 from pacs.spool import Spool
+from thyrocad import metrics
 from thyrocad.settings import Settings
 from worker.app import create_app
 
@@ -63,8 +65,14 @@ class ListenerService:
         return reconcile_spool(self.spool, self.sessions, self.publish)
 
 
-def start_service(settings: Settings, observer: Observer | None = None) -> ListenerService:
-    """Start intake, listener and the periodic spool reconciler in this process."""
+def start_service(
+    settings: Settings, observer: Observer | None = None, *, index: int | None = None
+) -> ListenerService:
+    """Start intake, listener and the periodic spool reconciler in this process.
+
+    ``index`` marks one of several listener processes sharing the port
+    (:func:`run_listener_processes`); only the first reconciles the spool.
+    """
     sessions = make_session_factory(make_engine(settings.db_url))
     app = create_app(settings)
     publish = publisher(app)
@@ -94,7 +102,8 @@ def start_service(settings: Settings, observer: Observer | None = None) -> Liste
                 return
 
     reconciler = threading.Thread(target=reconcile_forever, name="thyrocad-reconcile", daemon=True)
-    reconciler.start()
+    if not index:
+        reconciler.start()
     config = ListenerConfig(
         ae_title=settings.ae_title,
         host=settings.host,
@@ -102,6 +111,48 @@ def start_service(settings: Settings, observer: Observer | None = None) -> Liste
         allowed_aets=tuple(settings.allowed_aets),
         max_associations=settings.max_associations,
         max_pdu_size=settings.max_pdu_size,
+        share_port=index is not None,
     )
     server = start_listener(config, spool, intake)
+    if observer is not None:
+        threading.Thread(
+            target=_count_associations,
+            args=(server, observer, stop),
+            name="thyrocad-associations",
+            daemon=True,
+        ).start()
     return ListenerService(settings, spool, sessions, intake, publish, server, stop, reconciler)
+
+
+def _count_associations(server: Any, observer: Observer, stop: threading.Event) -> None:
+    """Report the open associations every second (a gauge each listener process sets)."""
+    while not stop.wait(1.0):
+        observer("associations_open", {"count": len(server.active_associations)})
+
+
+def run_listener_processes(settings: Settings) -> int:
+    """``THYROCAD_LISTENER_PROCESSES`` > 1: that many listener processes share the port,
+    restarted when one dies; this process serves their metrics and health.
+
+    pynetdicom decodes PDUs in Python under one interpreter lock per process, so one
+    listener process uses about one core however many associations are open.
+    """
+    from thyrocad.embedded import Supervisor, cli_command
+    from thyrocad.health import listener_collectors, start_health_server
+
+    if settings.metrics_port:
+        # Before prometheus_client is imported; the children inherit the folder.
+        metrics.prepare_multiprocess(settings.metrics_multiproc_dir)
+    commands = {
+        f"listener-{i}": [*cli_command(), "serve", "--listener-index", str(i)]
+        for i in range(settings.listener_processes)
+    }
+    supervisor = Supervisor(settings, commands=commands, own_metrics_port=False)
+    supervisor.start()
+    spool = Spool(settings.spool_dir, settings.spool_min_free_mb * 2**20)
+    health = start_health_server(settings, "listener", listener_collectors(settings, spool))
+    try:
+        return supervisor.wait()
+    finally:
+        if health is not None:
+            health.stop()

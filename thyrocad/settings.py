@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_associations: int = 16
+    max_associations: int = 16  # per listener process
+    listener_processes: int = Field(default=1, ge=1)
     max_pdu_size: int = 131072
     spool_min_free_mb: int = 512
     reconcile_interval_seconds: float = 60.0

@@ -34,7 +34,10 @@ def _now(now: datetime | None) -> datetime:
 
 def _insert(session: Session, table: Any) -> Any:
     """The dialect's own INSERT, which has ``on_conflict_do_*``."""
-    dialect = session.get_bind().dialect.name
+    return _insert_for(session.get_bind().dialect.name, table)
+
+
+def _insert_for(dialect: str, table: Any) -> Any:
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":

@@ -8,11 +8,13 @@ How concurrent writers are kept apart (lock order, ``INSERT … ON CONFLICT``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.records import (
@@ -22,7 +24,7 @@ from db.records import (
     PredictionRecord,
     RegisterOutcome,
 )
-from db.repository._common import PENDING_STATES, _insert, _no_sync, _now
+from db.repository._common import PENDING_STATES, _insert, _insert_for, _no_sync, _now
 from db.schema import (
     INSTANCE_STATES,
     Instance,
@@ -99,15 +101,129 @@ def _register_batch(
     session: Session, records: Sequence[InstanceRecord], now: datetime
 ) -> list[RegisterOutcome]:
     """Register records with distinct SOP Instance UIDs (see register_instances)."""
+    statements = _register_statements(session.get_bind().dialect.name)
+    connection = session.connection()
     patient_keys = [patient_key_for(r.patient_key, r.study_instance_uid) for r in records]
-    patient_ids = _upsert_patients(session, records, patient_keys, now)
-    study_ids = _upsert_studies(session, records, patient_keys, patient_ids, now)
-    series_ids = _upsert_series(session, records, study_ids)
-    return _upsert_instances(session, records, study_ids, series_ids, now)
+    patient_ids = _upsert_patients(session, statements, records, patient_keys, now)
+    study_ids = _upsert(
+        connection,
+        statements.study,
+        "study_instance_uid",
+        _group(
+            [r.study_instance_uid for r in records],
+            [
+                {
+                    "patient_id": patient_ids[key],
+                    "study_date": r.study_date,
+                    "accession_number": r.accession_number or None,
+                    "description": r.study_description or None,
+                }
+                for r, key in zip(records, patient_keys, strict=True)
+            ],
+        ),
+        # A study keeps the patient it was first registered under.
+        first=("patient_id",),
+        fixed={
+            "first_received_at": now,
+            "last_received_at": now,
+            "needs_finalise": False,
+            "prediction_epoch": 0,
+        },
+    )
+    series_ids = _upsert(
+        connection,
+        statements.series,
+        "series_instance_uid",
+        _group(
+            [r.series_instance_uid for r in records],
+            [
+                {
+                    "study_id": study_ids[r.study_instance_uid],
+                    "modality": r.modality or None,
+                    "description": r.series_description or None,
+                }
+                for r in records
+            ],
+        ),
+        first=("study_id",),
+    )
+    return _upsert_instances(session, statements, records, study_ids, series_ids, now)
+
+
+@dataclass(frozen=True)
+class _RegisterStatements:
+    """The registration INSERTs of one dialect, built once so SQLAlchemy compiles them
+    once; each runs with a whole batch of parameter sets (one multi-row INSERT)."""
+
+    patient: Any
+    study: Any
+    series: Any
+    instance: Any
+
+
+@functools.cache
+def _register_statements(dialect: str) -> _RegisterStatements:
+    patients, studies = Patient.__table__, Study.__table__
+    series, instances = Series.__table__, Instance.__table__
+    study = _insert_for(dialect, studies)
+    one_series = _insert_for(dialect, series)
+    return _RegisterStatements(
+        # DO NOTHING rather than DO UPDATE: an upsert would lock the patient row on
+        # every image, and a finaliser holding it would then stall the listener.
+        patient=_insert_for(dialect, patients)
+        .on_conflict_do_nothing(index_elements=[patients.c.patient_key])
+        .returning(patients.c.patient_key, patients.c.id),
+        study=study.on_conflict_do_update(
+            index_elements=[studies.c.study_instance_uid],
+            set_={
+                "last_received_at": study.excluded.last_received_at,
+                "study_date": func.coalesce(study.excluded.study_date, studies.c.study_date),
+                "accession_number": func.coalesce(
+                    study.excluded.accession_number, studies.c.accession_number
+                ),
+                "description": func.coalesce(study.excluded.description, studies.c.description),
+            },
+        ).returning(studies.c.study_instance_uid, studies.c.id),
+        series=one_series.on_conflict_do_update(
+            index_elements=[series.c.series_instance_uid],
+            set_={
+                "modality": func.coalesce(one_series.excluded.modality, series.c.modality),
+                "description": func.coalesce(one_series.excluded.description, series.c.description),
+            },
+        ).returning(series.c.series_instance_uid, series.c.id),
+        instance=_insert_for(dialect, instances)
+        .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+        .returning(instances.c.sop_instance_uid, instances.c.id),
+    )
+
+
+def _upsert(
+    connection: Connection,
+    statement: Any,
+    key_name: str,
+    grouped: dict[str, list[dict[str, Any]]],
+    *,
+    first: tuple[str, ...],
+    fixed: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """Run ``statement`` with one parameter set per key (``key_name``), holding the values
+    registering one by one would leave: ``first`` fields from the key's first row, the
+    others its last non-empty value. Returns the row id per key."""
+    params = []
+    for key, rows in grouped.items():
+        values = dict.fromkeys(rows[0])
+        values.update(_last_given(rows))
+        values.update({name: rows[0][name] for name in first})
+        params.append({key_name: key, **values, **(fixed or {})})
+    return dict(connection.execute(statement, params).tuples().all())
 
 
 def _upsert_patients(
-    session: Session, records: Sequence[InstanceRecord], keys: Sequence[str], now: datetime
+    session: Session,
+    statements: _RegisterStatements,
+    records: Sequence[InstanceRecord],
+    keys: Sequence[str],
+    now: datetime,
 ) -> dict[str, int]:
     demographics = _group(
         keys,
@@ -121,29 +237,19 @@ def _upsert_patients(
         ],
     )
     wanted = {key: _last_given(rows) for key, rows in demographics.items()}
-    # DO NOTHING rather than DO UPDATE: an upsert would lock the patient row on
-    # every image, and a finaliser holding it would then stall the listener.
+    params = [
+        {
+            "patient_key": key,
+            "created_at": now,
+            "patient_name": None,
+            "birth_date": None,
+            "sex": None,
+            **values,
+        }
+        for key, values in wanted.items()
+    ]
     ids: dict[str, int] = dict(
-        session.execute(
-            _insert(session, Patient)
-            .values(
-                [
-                    {
-                        "patient_key": key,
-                        "created_at": now,
-                        "patient_name": None,
-                        "birth_date": None,
-                        "sex": None,
-                        **values,
-                    }
-                    for key, values in wanted.items()
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=[Patient.patient_key])
-            .returning(Patient.patient_key, Patient.id)
-        )
-        .tuples()
-        .all()
+        session.connection().execute(statements.patient, params).tuples().all()
     )
     known = [key for key in wanted if key not in ids]
     if not known:
@@ -171,103 +277,9 @@ def _upsert_patients(
     return ids
 
 
-def _upsert_studies(
-    session: Session,
-    records: Sequence[InstanceRecord],
-    patient_keys: Sequence[str],
-    patient_ids: dict[str, int],
-    now: datetime,
-) -> dict[str, int]:
-    first_patient: dict[str, int] = {}
-    for rec, key in zip(records, patient_keys, strict=True):
-        first_patient.setdefault(rec.study_instance_uid, patient_ids[key])
-    details = _group(
-        [r.study_instance_uid for r in records],
-        [
-            {
-                "study_date": r.study_date,
-                "accession_number": r.accession_number or None,
-                "description": r.study_description or None,
-            }
-            for r in records
-        ],
-    )
-    ins = _insert(session, Study)
-    statement = (
-        ins.values(
-            [
-                {
-                    "study_instance_uid": uid,
-                    "patient_id": first_patient[uid],
-                    "study_date": None,
-                    "accession_number": None,
-                    "description": None,
-                    **_last_given(rows),
-                    "first_received_at": now,
-                    "last_received_at": now,
-                    "needs_finalise": False,
-                    "prediction_epoch": 0,
-                }
-                for uid, rows in details.items()
-            ]
-        )
-        .on_conflict_do_update(
-            index_elements=[Study.study_instance_uid],
-            set_={
-                "last_received_at": ins.excluded.last_received_at,
-                "study_date": func.coalesce(ins.excluded.study_date, Study.study_date),
-                "accession_number": func.coalesce(
-                    ins.excluded.accession_number, Study.accession_number
-                ),
-                "description": func.coalesce(ins.excluded.description, Study.description),
-            },
-        )
-        .returning(Study.study_instance_uid, Study.id)
-    )
-    return dict(session.execute(statement).tuples().all())
-
-
-def _upsert_series(
-    session: Session, records: Sequence[InstanceRecord], study_ids: dict[str, int]
-) -> dict[str, int]:
-    first_study: dict[str, int] = {}
-    for rec in records:
-        first_study.setdefault(rec.series_instance_uid, study_ids[rec.study_instance_uid])
-    details = _group(
-        [r.series_instance_uid for r in records],
-        [
-            {"modality": r.modality or None, "description": r.series_description or None}
-            for r in records
-        ],
-    )
-    ins = _insert(session, Series)
-    statement = (
-        ins.values(
-            [
-                {
-                    "series_instance_uid": uid,
-                    "study_id": first_study[uid],
-                    "modality": None,
-                    "description": None,
-                    **_last_given(rows),
-                }
-                for uid, rows in details.items()
-            ]
-        )
-        .on_conflict_do_update(
-            index_elements=[Series.series_instance_uid],
-            set_={
-                "modality": func.coalesce(ins.excluded.modality, Series.modality),
-                "description": func.coalesce(ins.excluded.description, Series.description),
-            },
-        )
-        .returning(Series.series_instance_uid, Series.id)
-    )
-    return dict(session.execute(statement).tuples().all())
-
-
 def _upsert_instances(
     session: Session,
+    statements: _RegisterStatements,
     records: Sequence[InstanceRecord],
     study_ids: dict[str, int],
     series_ids: dict[str, int],
@@ -287,28 +299,20 @@ def _upsert_instances(
         for rec in records
     }
     uids = sorted(file_values)
+    params = [
+        {
+            "sop_instance_uid": uid,
+            "state": "received",
+            "received_count": 1,
+            "received_at": now,
+            "updated_at": now,
+            "attempts": 0,
+            **file_values[uid],
+        }
+        for uid in uids
+    ]
     new_ids: dict[str, int] = dict(
-        session.execute(
-            _insert(session, Instance)
-            .values(
-                [
-                    {
-                        "sop_instance_uid": uid,
-                        "state": "received",
-                        "received_count": 1,
-                        "received_at": now,
-                        "updated_at": now,
-                        "attempts": 0,
-                        **file_values[uid],
-                    }
-                    for uid in uids
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
-            .returning(Instance.sop_instance_uid, Instance.id)
-        )
-        .tuples()
-        .all()
+        session.connection().execute(statements.instance, params).tuples().all()
     )
     outcomes = {
         uid: RegisterOutcome(instance_id=iid, outcome="new", state="received")

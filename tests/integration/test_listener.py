@@ -3,7 +3,10 @@ database outage and a listener killed with SIGKILL; the reconciler registers the
 
 from __future__ import annotations
 
+import os
 import signal
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,76 @@ def test_full_spool_answers_out_of_resources(tmp_path: Path, pg_url: str) -> Non
         assert "free" in str(reason)
     finally:
         stop(listener)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_listener_processes_share_the_port(tmp_path: Path, pg_url: str) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "THYROCAD_DATA_DIR": str(tmp_path / "data"),
+        "THYROCAD_PORT": str(port),
+        "THYROCAD_METRICS_PORT": str(metrics_port),
+        "THYROCAD_LISTENER_PROCESSES": "2",
+        "DATABASE_URL": pg_url,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    cli("db", "upgrade", env=env)
+    studies = write_synthetic_set(tmp_path / "s", 4, seed=63, size=64, id_prefix="SHR")
+    peer = Peer("127.0.0.1", port, "THYROCAD")
+    listener = thyrocad("serve", env=env, log=tmp_path / "serve.log")
+    log = lambda: (tmp_path / "serve.log").read_text()[-3000:]  # noqa: E731
+    try:
+        wait_for(lambda: port_open(port) and len(_children(listener.pid)) == 2, 60, log)
+        # Eight associations at once; the kernel deals them to both processes.
+        with ThreadPoolExecutor(8) as pool:
+            reports = list(
+                pool.map(
+                    lambda paths: send_files(paths, peer, "MODALITY1"),
+                    [s.paths[:3] for s in studies] + [s.paths[3:] for s in studies],
+                )
+            )
+        assert all(r.ok for r in reports)
+        wait_for(lambda: _count(pg_url) == 20, 60, log)
+
+        # The supervising process serves every listener process's counters.
+        def received() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            for line in text.decode().splitlines():
+                if line.startswith('thyrocad_instances_received_total{outcome="accepted"}'):
+                    return float(line.split()[-1])
+            return -1.0
+
+        wait_for(lambda: received() == 20.0, 30, lambda: f"received {received()}")
+
+        # A listener process that dies is replaced; the port keeps answering.
+        first = _children(listener.pid)
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(
+            lambda: (
+                len(set(_children(listener.pid)) - set(first)) == 1
+                and len(_children(listener.pid)) == 2
+            ),
+            30,
+            log,
+        )
+        extra = write_synthetic_set(tmp_path / "x", 1, seed=64, size=64, id_prefix="SHX")
+        assert send_files(extra[0].paths, peer, "MODALITY1").ok
+        wait_for(lambda: _count(pg_url) == 25, 60, log)
+        children = _children(listener.pid)
+    finally:
+        stop(listener)
+    # SIGTERM to the supervising process stops its listener processes too.
+    assert listener.returncode == 0
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]

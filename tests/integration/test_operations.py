@@ -244,6 +244,8 @@ def _exercise_and_check(
         lambda: (
             scalar(query, "sum(thyrocad_study_results_total)") == 3
             and scalar(query, "sum(thyrocad_predictions_total)") == total
+            # each target is scraped on its own clock: the listener's too
+            and scalar(query, 'sum(thyrocad_instances_registered_total{outcome="new"})') == total
         ),
         30,
         lambda: f"Prometheus to scrape the final counts\n{stack.logs()}",

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_session_factory
 from db.schema import Instance
-from pacs import listener
+from pacs import association_io
 from pacs.intake import reconcile_spool
 from pacs.meta import describe, read_dataset
 from pacs.spool import Spool
@@ -98,11 +98,11 @@ def test_recv_waits_for_every_byte_of_a_pdu(pair) -> None:  # type: ignore[no-un
     transport, peer = pair
     pdu = bytes(range(256)) * 600  # 153,600 bytes: a 128 KiB PDU and some
     _send_in_pieces(peer, pdu, 7000, then_close=False)
-    assert bytes(listener._recv_exactly(transport, len(pdu))) == pdu
+    assert bytes(association_io.recv_exactly(transport, len(pdu))) == pdu
 
 
-@pytest.mark.parametrize("announced", [10_000, listener._RECV_PREALLOCATE + 10])
+@pytest.mark.parametrize("announced", [10_000, association_io._RECV_PREALLOCATE + 10])
 def test_recv_returns_what_came_when_the_peer_closes(pair, announced: int) -> None:  # type: ignore[no-untyped-def]
     transport, peer = pair
     _send_in_pieces(peer, b"x" * 5000, 1000, then_close=True)
-    assert bytes(listener._recv_exactly(transport, announced)) == b"x" * 5000
+    assert bytes(association_io.recv_exactly(transport, announced)) == b"x" * 5000

@@ -49,13 +49,18 @@ def serve(
     embedded: Annotated[
         bool, typer.Option(help="Also run workers and beat as local processes.")
     ] = False,
+    listener_index: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="One of THYROCAD_LISTENER_PROCESSES (set by serve)."),
+    ] = None,
 ) -> None:
     """Run the DICOM listener (with --embedded: the whole pipeline)."""
     import signal
     import threading
 
     s = settings()
-    ensure_schema(s)
+    if listener_index is None:
+        ensure_schema(s)
     if embedded:
         from thyrocad.embedded import Supervisor
 
@@ -65,14 +70,20 @@ def serve(
             f"thyrocad embedded: {s.ae_title} on port {s.port}, data in {s.data_dir} (Ctrl-C stops)"
         )
         raise typer.Exit(sup.wait())
+    if s.listener_processes > 1 and listener_index is None:
+        from thyrocad.serve import run_listener_processes
+
+        raise typer.Exit(run_listener_processes(s))
     from thyrocad import metrics
     from thyrocad.health import listener_collectors, start_health_server
     from thyrocad.serve import start_service
 
-    service = start_service(s, metrics.observe_intake if s.metrics_port else None)
+    observer = metrics.observe_intake if s.metrics_port else None
+    service = start_service(s, observer, index=listener_index)
+    # One of several listener processes: the supervising process serves the metrics.
     health = (
-        start_health_server(s, "listener", listener_collectors(s, service))
-        if s.metrics_port
+        start_health_server(s, "listener", listener_collectors(s, service.spool))
+        if s.metrics_port and listener_index is None
         else None
     )
     stop = threading.Event()
@@ -102,6 +113,16 @@ def worker(
 
     s = settings()
     ensure_schema(s)
+    needs_model = {"inference", "training"} & set(queues.split(","))
+    # TensorFlow writes to the raw stderr when imported: import it now, as log records.
+    # (Not in a prefork parent: TensorFlow is not safe to carry across fork.)
+    if s.log_json and needs_model and pool != "prefork":
+        import logging
+
+        from thyrocad.logs import native_output_logged
+
+        with native_output_logged(logging.getLogger("tensorflow")):
+            import keras  # noqa: F401
     from thyrocad.health import start_worker_health
 
     # Before the app: a prefork pool needs multiprocess metrics set up first.

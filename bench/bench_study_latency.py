@@ -177,10 +177,11 @@ def report(o: Outcome, args: argparse.Namespace) -> None:
         f"{args.finalise_interval:g} s"
     )
     rows: list[list[object]] = []
-    after_prediction = [t - i - o.idle for t, i in zip(o.latencies, o.inference, strict=True)]
+    # A study is due once idle since its last image and fully predicted, whichever is later.
+    finalise_path = [t - max(i, o.idle) for t, i in zip(o.latencies, o.inference, strict=True)]
     for name, values in (
         ("last image acknowledged → last prediction stored", o.inference),
-        ("last prediction stored → result stored, minus idle", after_prediction),
+        ("study due (idle passed, all predicted) → result stored", finalise_path),
         ("last image acknowledged → study result stored", o.latencies),
         ("  the same minus the idle time", [v - o.idle for v in o.latencies]),
     ):

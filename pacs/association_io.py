@@ -129,8 +129,24 @@ class Doorbell:
         self._writer.close()
 
 
+# What is replaced or read below, as pynetdicom 3.0 names it.
+_DUL_PARTS: tuple[str, ...] = (
+    "to_provider_queue",
+    "event_queue",
+    "to_user_queue",
+    "_run_loop_delay",
+    "_is_transport_event",
+    "_kill_thread",
+    "socket",
+)
+
+
 def _wait_instead_of_polling(assoc: Any) -> None:
     dul, dimse = assoc.dul, assoc.dimse
+    if not all(hasattr(dul, name) for name in _DUL_PARTS) or not hasattr(dimse, "msg_queue"):
+        # Another pynetdicom than the 3.0 this was written for: keep its polling.
+        logger.warning("pynetdicom's reactor internals changed; associations poll as usual")
+        return
     doorbell = Doorbell()
     dimse_ready = threading.Event()
 

@@ -77,7 +77,10 @@ def test_reconciler_rereads_only_files_written_since_its_last_pass(
 
 @pytest.fixture
 def pair():  # type: ignore[no-untyped-def]
-    ours, peer = socket.socketpair()
+    # TCP on loopback, as an association's socket is.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
     yield SimpleNamespace(socket=ours), peer
     ours.close()
     peer.close()
@@ -106,3 +109,15 @@ def test_recv_returns_what_came_when_the_peer_closes(pair, announced: int) -> No
     transport, peer = pair
     _send_in_pieces(peer, b"x" * 5000, 1000, then_close=True)
     assert bytes(association_io.recv_exactly(transport, announced)) == b"x" * 5000
+
+
+def test_other_pynetdicom_internals_keep_its_polling(pair, caplog) -> None:  # type: ignore[no-untyped-def]
+    transport, _ = pair
+    # An association whose DUL lacks the 3.0 queue attributes.
+    assoc = SimpleNamespace(dul=SimpleNamespace(socket=transport), dimse=SimpleNamespace())
+    with caplog.at_level("WARNING", logger="pacs.association_io"):
+        association_io.tune_association(SimpleNamespace(assoc=assoc))
+    assert "poll as usual" in caplog.text
+    assert not hasattr(assoc.dul, "to_provider_queue")
+    # The socket tuning still applies.
+    assert transport.recv.__func__ is association_io.recv_exactly

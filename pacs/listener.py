@@ -30,7 +30,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -138,6 +138,10 @@ def handle_echo(event: Any) -> int:
 
 def make_ae(config: ListenerConfig) -> AE:
     """An Application Entity that accepts ultrasound storage and verification."""
+    # pynetdicom's "standard" handlers format a summary of every PDU and DIMSE message
+    # (copying a C-STORE's whole data set to see whether it is empty) for log records
+    # its logger, set to WARNING, then drops.
+    _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu_size

@@ -34,7 +34,7 @@ def test_bench_smoke(script: str, ratio_line: str, last_line: str) -> None:
 
 
 # The pipeline benchmarks start the real processes: they need PostgreSQL (THYROCAD_TEST_PG),
-# redis-server and dcmtk, like the integration tests.
+# redis-server and dcmtk, like the integration tests (bench_association: dcmtk only).
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize(
@@ -44,6 +44,7 @@ def test_bench_smoke(script: str, ratio_line: str, last_line: str) -> None:
         ("bench_ingest.py", "ratio thyrocad ingest / VGG-19 inference rate"),
         ("bench_study_latency.py", "ratio p95 latency / idle time,"),
         ("bench_memory.py", "ratio listener RSS after"),
+        ("bench_association.py", "ratio instances/s, thyrocad / as shipped"),
     ],
 )
 def test_pipeline_bench_smoke(script: str, ratio_line: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +59,8 @@ class ListenerService:
         self._stop.set()
         self.server.shutdown()  # type: ignore[attr-defined]
         self.intake.stop()
-        self._reconciler.join(5)
+        if self._reconciler.is_alive():  # only the first of several listeners runs one
+            self._reconciler.join(5)
 
     def reconcile_now(self) -> int:
         """Register whatever the spool holds that the database does not know."""
@@ -144,7 +146,12 @@ def run_listener_processes(settings: Settings) -> int:
         # Before prometheus_client is imported; the children inherit the folder.
         metrics.prepare_multiprocess(settings.metrics_multiproc_dir)
     commands = {
-        f"listener-{i}": [*cli_command(), "serve", "--listener-index", str(i)]
+        f"listener-{i}": [
+            *cli_command(),
+            "serve",
+            f"--listener-index={i}",
+            f"--supervisor-pid={os.getpid()}",
+        ]
         for i in range(settings.listener_processes)
     }
     supervisor = Supervisor(settings, commands=commands, own_metrics_port=False)

@@ -177,3 +177,37 @@ def test_listener_processes_share_the_port(tmp_path: Path, pg_url: str) -> None:
     # SIGTERM to the supervising process stops its listener processes too.
     assert listener.returncode == 0
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
+def test_listener_processes_stop_when_their_supervisor_dies(tmp_path: Path, pg_url: str) -> None:
+    port = free_port()
+    env = {
+        "THYROCAD_DATA_DIR": str(tmp_path / "data"),
+        "THYROCAD_PORT": str(port),
+        "THYROCAD_LISTENER_PROCESSES": "2",
+        "DATABASE_URL": pg_url,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    cli("db", "upgrade", env=env)
+    listener = thyrocad("serve", env=env, log=tmp_path / "serve.log")
+    try:
+        wait_for(lambda: port_open(port) and len(_children(listener.pid)) == 2, 60, "2 listeners")
+        children = _children(listener.pid)
+    finally:
+        listener.send_signal(signal.SIGKILL)
+        listener.wait()
+    # Orphaned, they notice within a second or so and let the port go.
+    wait_for(
+        lambda: not [pid for pid in children if _alive(pid)] and not port_open(port),
+        30,
+        lambda: (tmp_path / "serve.log").read_text()[-3000:],
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,8 @@ import typer
 from rich.table import Table
 
 from thyrocad.commands.common import console, ensure_schema, err, fail, progress, sessions, settings
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer()
 db_app = typer.Typer(help="Database schema and roles.", no_args_is_help=True)
@@ -53,8 +56,12 @@ def serve(
         int | None,
         typer.Option(hidden=True, help="One of THYROCAD_LISTENER_PROCESSES (set by serve)."),
     ] = None,
+    supervisor_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="The serve process supervising this one.")
+    ] = None,
 ) -> None:
     """Run the DICOM listener (with --embedded: the whole pipeline)."""
+    import os
     import signal
     import threading
 
@@ -90,7 +97,11 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
-            pass
+            # A listener process whose supervising serve died stops too, rather than
+            # holding the port beside the processes of the next serve.
+            if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                logger.warning("the supervising serve process is gone; stopping")
+                break
     except KeyboardInterrupt:
         pass
     finally:

@@ -56,6 +56,7 @@ REJECT_REASONS = (
     "no_pixel_data",
     "missing_dimensions",
     "truncated",
+    "undecodable",
     "spool_full",
     "spool_error",
     "other",
@@ -88,6 +89,7 @@ _REASON_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("no_pixel_data", r"no pixel data"),
         ("missing_dimensions", r"rows/columns|image size"),
         ("truncated", r"truncated"),
+        ("undecodable", r"cannot decode|unsupported|photometric|palette|samples|empty frame"),
         ("spool_error", r"spool"),
     )
 )
@@ -195,6 +197,11 @@ class _Metrics:
             multiprocess_mode="livesum",
         )
         # Workers
+        self.unreadable = Counter(
+            "thyrocad_instances_unreadable",
+            "Acknowledged instances the inference worker could not decode, by reason class.",
+            ["reason"],
+        )
         self.batch_seconds = Histogram(
             "thyrocad_inference_batch_duration_seconds",
             "Forward-pass time of one inference batch.",
@@ -255,6 +262,7 @@ class _Metrics:
         for metric, values in (
             (self.received, RECEIVE_OUTCOMES),
             (self.rejected, REJECT_REASONS),
+            (self.unreadable, REJECT_REASONS),
             (self.registered, REGISTER_OUTCOMES),
             (self.associations, ASSOCIATION_OUTCOMES),
             (self.task_failures, TASKS),
@@ -333,8 +341,9 @@ def model_loaded(version: str) -> None:
 def worker_observer(ctx: WorkerContext) -> Callable[[str, dict[str, Any]], None]:
     """The observer for one worker context (``worker.context.set_observer_factory``).
 
-    Events: ``batch`` {size, seconds, records}, ``study_result`` {study},
-    ``training`` {outcome, seconds} (the same as calling :func:`observe_training`).
+    Events: ``batch`` {size, seconds, records}, ``unreadable`` {reasons},
+    ``study_result`` {study}, ``training`` {outcome, seconds} (the same as calling
+    :func:`observe_training`).
 
     Observing never fails a task: an error here is logged and the task goes on.
     """
@@ -392,10 +401,20 @@ def worker_observer(ctx: WorkerContext) -> Callable[[str, dict[str, Any]], None]
             latency = (_aware(result.created_at) - last).total_seconds()
             m.study_latency.observe(max(0.0, latency))
 
+    def on_unreadable(fields: dict[str, Any]) -> None:
+        m = metrics()
+        for reason in fields.get("reasons") or ():
+            m.unreadable.labels(reason_class(str(reason))).inc()
+
     def on_training(fields: dict[str, Any]) -> None:
         observe_training(str(fields.get("outcome", "")), _number(fields.get("seconds")))
 
-    handlers = {"batch": on_batch, "study_result": on_study_result, "training": on_training}
+    handlers = {
+        "batch": on_batch,
+        "unreadable": on_unreadable,
+        "study_result": on_study_result,
+        "training": on_training,
+    }
 
     def observe(event: str, fields: dict[str, Any]) -> None:
         handler = handlers.get(event)

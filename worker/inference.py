@@ -111,6 +111,8 @@ def predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Class
     with ctx.sessions.begin() as session:
         for item, reason in batch.failed:
             repository.mark_rejected(session, item.instance_id, reason, utcnow(), token=batch.token)
+    if batch.failed:
+        ctx.observe("unreadable", {"reasons": [reason for _, reason in batch.failed]})
     if not batch.frames:
         return 0
     pixels = np.stack([frame.pixels for _, frame in batch.frames])

@@ -207,6 +207,12 @@ def test_counters_follow_events(sqlite_ctx: Any) -> None:
     ]
     observe("batch", {"size": 3, "seconds": 0.05, "records": records})
     assert value("thyrocad_predictions_total", label="normal", model_version="m-1") == before + 3
+    truncated = value("thyrocad_instances_unreadable_total", reason="truncated")
+    undecodable = value("thyrocad_instances_unreadable_total", reason="undecodable")
+    reasons = ["truncated pixel data: expected 10 bytes, got 4", "unsupported transfer syntax"]
+    observe("unreadable", {"reasons": reasons})
+    assert value("thyrocad_instances_unreadable_total", reason="truncated") == truncated + 1
+    assert value("thyrocad_instances_unreadable_total", reason="undecodable") == undecodable + 1
     assert value("thyrocad_inference_batch_size_count") == batches + 1
     assert value("thyrocad_model_loaded", model_version="m-1") == 1
     metrics.model_loaded("m-2")

@@ -312,6 +312,24 @@ def _exercise_and_check(
         assert status == 200
         assert PHI_MARK not in text and "SYNTHETIC" not in text, name
 
+    # An instance the listener accepts (its header is fine) but no worker can decode:
+    # a palette-colour image without its palette, in a study of its own.
+    ds = pydicom.dcmread(files[0])
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    nopalette = tmp_path / "nopalette.dcm"
+    ds.save_as(nopalette, enforce_file_format=True)
+    assert send_raw([nopalette], peer, "MODALITY1") == [0x0000]
+    unreadable = f'thyrocad_instances_unreadable_total{{{inf},reason="undecodable"}}'
+    wait_for(
+        lambda: scalar(query, unreadable) == 1,
+        60,
+        lambda: f"{unreadable} == 1, got {scalar(query, unreadable)}\n{stack.logs()}",
+    )
+    assert db("SELECT count(*) FROM instances WHERE state = 'rejected'") == 1
+
 
 def _check_logs_are_json_without_phi(stack: Stack) -> None:
     not_json = []

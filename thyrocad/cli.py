@@ -6,6 +6,7 @@ assembles them and reads the global options.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,9 @@ def main_options(
 
 
 def main() -> None:
+    # TensorFlow's C++ INFO lines (XLA start-up and the like) are noise for an operator;
+    # its warnings and errors still show. An explicit setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     app()
 
 

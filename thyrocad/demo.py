@@ -30,13 +30,21 @@ def _wait_for_listener(s: Settings, deadline: float) -> None:
     from pacs.sender import Peer, echo
 
     peer = Peer("127.0.0.1", s.port, s.ae_title)
-    while time.monotonic() < deadline:
-        try:
-            if echo(peer):
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.5)
+    # Refused connections while the listener starts are expected: pynetdicom would log
+    # each as an ERROR.
+    transport_log = logging.getLogger("pynetdicom")
+    level = transport_log.level
+    transport_log.setLevel(logging.CRITICAL)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if echo(peer):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+    finally:
+        transport_log.setLevel(level)
     raise TimeoutError("the listener did not start in time")
 
 

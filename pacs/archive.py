@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacs.errors import PacsError
 from pacs.listener import ACCEPTED_TRANSFER_SYNTAXES, Intake, handle_store
 from pacs.meta import ULTRASOUND_SOP_CLASSES
-from pacs.sender import Peer
+from pacs.sender import Peer, associate
 from pacs.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -260,11 +259,6 @@ class RateLimiter:
 # --------------------------------------------------------------------------- the SCU
 
 
-def _nodelay(event: Any) -> None:
-    with contextlib.suppress(AttributeError, OSError):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class ArchiveClient:
     """A Study Root query/retrieve SCU for one archive.
 
@@ -286,7 +280,7 @@ class ArchiveClient:
 
     @property
     def name(self) -> str:
-        return f"{self.peer.ae_title}@{self.peer.host}:{self.peer.port}"
+        return self.peer.name
 
     # --- associations ------------------------------------------------------
     def _ae(self) -> AE:
@@ -302,13 +296,7 @@ class ArchiveClient:
     def _associate(
         self, ae: AE, *, ext_neg: list[Any] | None = None, handlers: list[Any] | None = None
     ) -> Iterator[Association]:
-        assoc = ae.associate(
-            self.peer.host,
-            self.peer.port,
-            ae_title=self.peer.ae_title,
-            ext_neg=ext_neg,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])],
-        )
+        assoc = associate(ae, self.peer, ext_neg=ext_neg, handlers=handlers or ())
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise ArchiveError(

@@ -20,10 +20,8 @@ Inputs and outputs are plain data, except :func:`build_report`'s pydicom
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +31,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from pacs.dicom_files import uid_from
-from pacs.sender import Peer
+from pacs.sender import Peer, associate
 
 logger = logging.getLogger(__name__)
 
@@ -434,21 +432,14 @@ class StoreResult:
         return self.status is None or 0xA700 <= self.status <= 0xA7FF
 
 
-def _nodelay(event: Any) -> None:
-    with contextlib.suppress(AttributeError, OSError):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def store_report(ds: Dataset, peer: Peer, calling_aet: str, timeout: float = 60.0) -> StoreResult:
     """C-STORE one report to ``peer`` and say what its DIMSE status means."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 30.0)
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
-    )
+    where = peer.name
+    assoc = associate(ae, peer)
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "failed"
         return StoreResult(None, f"association with {where} {state}")

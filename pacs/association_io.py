@@ -11,6 +11,14 @@ on its queues writes to, the association thread on an event set by every put on 
 queues. A timeout (``_MAX_WAIT``) keeps pynetdicom's timers (ARTIM, idle, shutdown
 requests) working as before.
 
+Reads are bounded too, in time and in length. pynetdicom 3.0 reads a PDU with a
+blocking ``recv`` until every announced byte came: half a PDU and silence holds its DUL
+thread, and with it the association's slot, forever (its ARTIM and idle timers run on
+that same thread), and a P-DATA PDU announcing 4 GiB is buffered as it arrives. Here a
+connection has ``artim_timeout`` seconds from its opening to complete its A-ASSOCIATE-RQ,
+and an established association ``network_timeout`` seconds for each PDU once it began;
+a PDU longer than we advertised gets an A-ABORT before its body is read.
+
 Everything is attached per association at EVT_CONN_OPEN, before its threads start,
 and leaves pynetdicom's state machine and its loops' logic untouched.
 """
@@ -22,11 +30,17 @@ import logging
 import queue
 import select
 import socket
+import struct
 import threading
-import types
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from pynetdicom.pdu import A_ABORT_RQ
+
+from pacs.admission import peer
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +51,35 @@ _RECV_PREALLOCATE = 1024 * 1024
 # The longest a reactor blocks before looking at its timers and stop flags again.
 _MAX_WAIT = 0.05
 
+# PDU types (PS3.8 9.3.1): pynetdicom reads the body of these, and only of these.
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+# Any other PDU than P-DATA: an A-ASSOCIATE-RQ of 128 presentation contexts with a dozen
+# transfer syntaxes each and a user identity token stays well under this; release and
+# abort PDUs are 4 bytes.
+_OTHER_PDU_MAX = 256 * 1024
+# What a max_pdu_size of 0 ("no limit", as DICOM defines it) allows: a 32-bit length.
+_PDU_LENGTH_MAX = 0xFFFFFFFF
 
-def tune_association(event: Any) -> None:
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """How long and how much an accepted connection may take to send what it sends."""
+
+    max_pdu_size: int = 131072  # the Maximum Length we advertise; 0 means no limit
+    artim_timeout: float = 5.0  # connection opened -> whole A-ASSOCIATE-RQ received
+    network_timeout: float = 60.0  # first -> last byte of each later PDU
+
+    def longest(self, pdu_type: int) -> int:
+        """The largest length field accepted for a PDU of ``pdu_type``."""
+        if pdu_type == _P_DATA_TF:
+            # Maximum Length is that of the P-DATA-TF variable field (PS3.8 D.1.1), which
+            # is what the length field counts.
+            return self.max_pdu_size or _PDU_LENGTH_MAX
+        return _OTHER_PDU_MAX
+
+
+def tune_association(event: Any, limits: TransportLimits | None = None) -> None:
     """EVT_CONN_OPEN handler for the listener's associations."""
     assoc = event.assoc
     try:
@@ -48,21 +89,38 @@ def tune_association(event: Any) -> None:
     except (AttributeError, OSError):
         logger.debug("could not tune the association's socket")
         return
-    # pynetdicom reads a PDU 4 KiB at a time: 350 recv calls for a 1.4 MB image, each
-    # dropping and retaking the GIL against the other associations and the intake.
-    transport.recv = types.MethodType(recv_exactly, transport)
+    reader = PduReader(transport, assoc, limits or TransportLimits())
+    transport.recv = reader
     _wait_instead_of_polling(assoc)
+    _stop_waiting_when_closed(assoc, reader)
 
 
-def recv_exactly(transport: Any, nr_bytes: int) -> bytearray:
+def recv_exactly(transport: Any, nr_bytes: int, deadline: float | None = None) -> bytearray:
     """``AssociationSocket.recv`` in as few system calls as the kernel allows: block until
-    ``nr_bytes`` arrived; if the peer closes first, return what came (as pynetdicom does)."""
+    ``nr_bytes`` arrived; if the peer closes first, return what came (as pynetdicom does).
+    With a ``deadline`` (``time.monotonic()``), raise ``TimeoutError`` once it passed."""
+    sock = transport.socket
+    late = False
+
+    def wait_at_most() -> None:
+        nonlocal late
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # One more read still takes what already arrived (the end of a connection
+                # in particular); a second one past the deadline is a peer too slow.
+                if late:
+                    raise TimeoutError("deadline passed")
+                late = True
+            sock.settimeout(max(remaining, 0.001))
+
     if nr_bytes > _RECV_PREALLOCATE:
-        # Longer than any PDU we accept: memory grows with what arrives, not with the
-        # length the peer announced.
+        # Longer than any PDU we accept by default: memory grows with what arrives, not
+        # with the length the peer announced.
         received = bytearray()
         while len(received) < nr_bytes:
-            part = transport.socket.recv(min(nr_bytes - len(received), _RECV_PREALLOCATE))
+            wait_at_most()
+            part = sock.recv(min(nr_bytes - len(received), _RECV_PREALLOCATE))
             if not part:
                 break
             received += part
@@ -71,13 +129,156 @@ def recv_exactly(transport: Any, nr_bytes: int) -> bytearray:
     view = memoryview(buffer)
     nr_read = 0
     while nr_read < nr_bytes:
-        got = transport.socket.recv_into(view[nr_read:])
+        wait_at_most()
+        got = sock.recv_into(view[nr_read:])
         if not got:
             view.release()
             del buffer[nr_read:]
             break
         nr_read += got
     return buffer
+
+
+class PduReader:
+    """``AssociationSocket.recv`` for the listener: whole PDUs, each within its deadline,
+    none longer than we advertised.
+
+    pynetdicom reads a PDU as ``recv(6)`` (type, reserved byte, length) and, for a known
+    type, ``recv(length)``; the reader follows that rhythm to know which read is a
+    header. A read that misses its deadline, fails, or meets a PDU too long returns
+    short: pynetdicom then takes the connection as closed (Evt17) and its state machine
+    ends the association as it would for a peer that went away.
+    """
+
+    def __init__(self, transport: Any, assoc: Any, limits: TransportLimits) -> None:
+        self._transport = transport
+        self._assoc = assoc
+        self._limits = limits
+        self._opened = time.monotonic()
+        self._deadline = self._opened + limits.artim_timeout
+        self._header_next = True
+        # Nothing more will be read: the peer closed, stalled or overstepped.
+        self.closed = False
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        header = self._header_next
+        if header:
+            # Before the association is up, the whole request counts from the connection's
+            # opening (ARTIM); afterwards each PDU gets network_timeout from its header.
+            established = bool(getattr(self._assoc, "is_established", False))
+            if established:
+                self._deadline = time.monotonic() + self._limits.network_timeout
+            else:
+                self._deadline = self._opened + self._limits.artim_timeout
+        try:
+            data = recv_exactly(self._transport, nr_bytes, self._deadline)
+        except OSError as exc:  # TimeoutError included
+            self._end("timed out" if isinstance(exc, TimeoutError) else "read failed", header)
+            if not header:
+                _quiet_once()
+            return bytearray()
+        if len(data) < nr_bytes:
+            self.closed = True
+            return data
+        if not header:
+            self._header_next = True
+            return data
+        pdu_type, _, length = struct.unpack(">BBL", data)
+        if pdu_type not in _PDU_TYPES:
+            return data  # pynetdicom aborts on it and reads no body
+        if length > self._limits.longest(pdu_type):
+            self._abort_oversized(pdu_type, length)
+            return bytearray()
+        self._header_next = False
+        return data
+
+    def _end(self, why: str, at_header: bool) -> None:
+        self.closed = True
+        established = bool(getattr(self._assoc, "is_established", False))
+        what = "PDU" if established else "association request"
+        logger.warning(
+            "connection closed: %s %s",
+            what,
+            why,
+            extra={
+                "address": peer(self._assoc)["address"],
+                "timeout_seconds": (
+                    self._limits.network_timeout if established else self._limits.artim_timeout
+                ),
+                "mid_pdu": not at_header,
+            },
+        )
+
+    def _abort_oversized(self, pdu_type: int, length: int) -> None:
+        self.closed = True
+        logger.warning(
+            "A-ABORT: PDU longer than we accept",
+            extra={
+                "address": peer(self._assoc)["address"],
+                "pdu_type": f"0x{pdu_type:02X}",
+                "pdu_length": length,
+                "limit": self._limits.longest(pdu_type),
+            },
+        )
+        abort = A_ABORT_RQ()
+        abort.source = 0x02  # the service provider
+        abort.reason_diagnostic = 0x06  # invalid PDU parameter value
+        sock = self._transport.socket
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(abort.encode())
+            # Nothing more of it is read; what is in flight is discarded by the kernel.
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _OurEndsQuiet(logging.Filter):
+    """Drops pynetdicom's "PDU shorter than expected" error for a read the reader ended
+    on purpose (it logged why already), once, on the DUL thread that ended it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.pending, "flag", False) and "shorter than expected" in str(record.msg):
+            self.pending.flag = False
+            return False
+        return True
+
+
+_OUR_ENDS_QUIET = _OurEndsQuiet()
+
+
+def _quiet_once() -> None:
+    dul_logger = logging.getLogger("pynetdicom.dul")
+    if _OUR_ENDS_QUIET not in dul_logger.filters:
+        dul_logger.addFilter(_OUR_ENDS_QUIET)
+    _OUR_ENDS_QUIET.pending.flag = True
+
+
+def _stop_waiting_when_closed(assoc: Any, reader: PduReader) -> None:
+    """The acceptor's association thread waits ``acse_timeout`` for the A-ASSOCIATE-RQ even
+    when the connection closed at once (a port scan, a TCP health check): stop waiting as
+    soon as the reader saw the connection end."""
+    dul = assoc.dul
+    receive = getattr(dul, "receive_pdu", None)
+    if receive is None:
+        return
+
+    def receive_pdu(wait: bool = False, timeout: float | None = None) -> Any:
+        if not wait or timeout is None:
+            return receive(wait, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            primitive = receive(True, max(0.0, min(_MAX_WAIT, remaining)))
+            if primitive is not None or remaining <= 0:
+                return primitive
+            if reader.closed:
+                # Anything decoded before the end is already queued.
+                return receive(False, None)
+
+    dul.receive_pdu = receive_pdu
 
 
 class NotifyingQueue(queue.Queue[Any]):

@@ -34,7 +34,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs.association_io import tune_association
+from pacs.admission import Admission
+from pacs.association_io import TransportLimits, tune_association
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import (
     STATUS_OUT_OF_RESOURCES,
@@ -76,18 +77,35 @@ class ListenerConfig:
     allowed_aets: Sequence[str] = field(default_factory=tuple)
     max_associations: int = 16
     max_pdu_size: int = 131072
+    # Seconds a new connection has to send its whole A-ASSOCIATE-RQ (ARTIM).
+    acse_timeout: float = 5.0
+    # Seconds an association may stay silent, and may take over one PDU.
+    network_timeout: float = 60.0
+    # Refuse an association addressed to another AE title than ours.
+    require_called_aet: bool = True
     # Several listener processes share the port (SO_REUSEPORT): the kernel spreads new
     # connections over them, so decoding runs on more than one core.
     share_port: bool = False
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """An association server whose port other processes may bind too."""
+class _ListenerServer(ThreadedAssociationServer):
+    """An association server that closes connections beyond what ``admission`` allows
+    and, with ``share_port``, whose port other processes may bind too."""
+
+    def __init__(self, *args: Any, admission: Admission, share_port: bool, **kwargs: Any) -> None:
+        # server_bind runs inside the base constructor.
+        self._admission = admission
+        self._share_port = share_port
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        assert self.socket is not None  # made by TCPServer before it binds
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self._share_port:
+            assert self.socket is not None  # made by TCPServer before it binds
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._admission.connection_allowed(len(self.active_associations), client_address)
 
 
 class Intake(Protocol):
@@ -143,10 +161,16 @@ def make_ae(config: ListenerConfig) -> AE:
     # its logger, set to WARNING, then drops.
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=config.ae_title)
-    ae.maximum_associations = config.max_associations
+    # Admission holds the real limit (established associations only); pynetdicom's own
+    # count includes connections that have not asked for an association yet.
+    ae.maximum_associations = 2**31 - 1
     ae.maximum_pdu_size = config.max_pdu_size
+    # The A-ASSOCIATE-RQ wait, and the ARTIM timer, on the association's own threads.
+    ae.acse_timeout = config.acse_timeout
+    ae.network_timeout = config.network_timeout
     if config.allowed_aets:
         ae.require_calling_aet = list(config.allowed_aets)
+    ae.require_called_aet = config.require_called_aet
     ae.add_supported_context(Verification)
     for sop_class in ULTRASOUND_SOP_CLASSES:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
@@ -158,17 +182,22 @@ def start_listener(
 ) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (call ``shutdown()``)."""
     ae = make_ae(config)
+    admission = Admission(config.max_associations)
+    limits = TransportLimits(config.max_pdu_size, config.acse_timeout, config.network_timeout)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, intake]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_CONN_OPEN, tune_association),
+        (evt.EVT_CONN_OPEN, tune_association, [limits]),
+        *admission.handlers(),
         (evt.EVT_ACCEPTED, lambda event: intake.association("accepted")),
         (evt.EVT_REJECTED, lambda event: intake.association("refused")),
     ]
     server = ae.make_server(
         (config.host, config.port),
         evt_handlers=handlers,
-        server_class=_SharedPortServer if config.share_port else ThreadedAssociationServer,
+        server_class=_ListenerServer,
+        admission=admission,
+        share_port=config.share_port,
     )
     # As AE.start_server does for its own servers: server.shutdown() removes it again.
     ae._servers.append(server)

@@ -113,6 +113,9 @@ def start_service(
         allowed_aets=tuple(settings.allowed_aets),
         max_associations=settings.max_associations,
         max_pdu_size=settings.max_pdu_size,
+        acse_timeout=settings.acse_timeout_seconds,
+        network_timeout=settings.network_timeout_seconds,
+        require_called_aet=settings.require_called_aet,
         share_port=index is not None,
     )
     server = start_listener(config, spool, intake)

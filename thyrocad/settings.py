@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_associations: int = 16  # per listener process
     listener_processes: int = Field(default=1, ge=1)
     max_pdu_size: int = 131072
+    acse_timeout_seconds: float = Field(default=5.0, gt=0)  # connect -> A-ASSOCIATE-RQ (ARTIM)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)  # idle association; one PDU
+    require_called_aet: bool = True  # refuse associations addressed to another AE title
     spool_min_free_mb: int = 512
     reconcile_interval_seconds: float = 60.0
 

@@ -120,4 +120,4 @@ def test_other_pynetdicom_internals_keep_its_polling(pair, caplog) -> None:  # t
     assert "poll as usual" in caplog.text
     assert not hasattr(assoc.dul, "to_provider_queue")
     # The socket tuning still applies.
-    assert transport.recv.__func__ is association_io.recv_exactly
+    assert isinstance(transport.recv, association_io.PduReader)

@@ -91,7 +91,7 @@ def associate(
         peer.port,
         ae_title=peer.ae_title,
         ext_neg=ext_neg,
-        tls_args=(peer.tls, "") if peer.tls else None,
+        tls_args=(peer.tls, peer.host) if peer.tls else None,
         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *handlers],
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from pacs.structured_report import (
     store_report,
     study_date_text,
 )
+from pacs.tls import TlsConfig, TlsError, client_context
 from thyrocad.settings import Settings
 from worker.context import WorkerContext, get_context
 from worker.tasks import TRANSIENT
@@ -120,6 +122,13 @@ def report_content(source: ReportSource, settings: Settings) -> ReportContent:
     )
 
 
+def sr_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for the SR destination, or None when it is reached in plain TCP."""
+    if not settings.sr_tls:
+        return None
+    return client_context(TlsConfig(settings.tls_cert, settings.tls_key, settings.tls_ca))
+
+
 def dispatch_report(
     ctx: WorkerContext, study_result_id: int, destination: str, final_attempt: bool = True
 ) -> str:
@@ -162,10 +171,14 @@ def dispatch_report(
         logger.exception("report not built", extra={"study_result_id": study_result_id})
         save("failed", f"report could not be built: {exc}")
         return "failed"
+    try:
+        peer = Peer.parse(destination, tls=sr_tls_context(ctx.settings))
+    except TlsError as exc:
+        # Unreadable certificate files stay unreadable on a retry.
+        save("failed", f"not sent: {exc}")
+        return "failed"
     save("pending", "sending")
-    answer = store_report(
-        report, Peer.parse(destination), ctx.settings.ae_title, SR_STORE_TIMEOUT_SECONDS
-    )
+    answer = store_report(report, peer, ctx.settings.ae_title, SR_STORE_TIMEOUT_SECONDS)
     if answer.sent:
         save("sent", None, answer.status)
         logger.info("report sent", extra={"study_result_id": study_result_id})

@@ -139,6 +139,10 @@ class PatientPredictions:
     images: tuple[ImagePrediction, ...] = ()
 
 
+#: The reason stored with the result of a study whose every image was rejected or failed.
+NO_USABLE_IMAGES = "no usable images"
+
+
 @dataclass(frozen=True)
 class ResultRecord:
     """One revision of a study or patient result.
@@ -146,6 +150,12 @@ class ResultRecord:
     ``key`` is the Study Instance UID (level ``study``) or the patient key
     (level ``patient``); ``patient_key`` is the owning patient in both cases.
     ``study_count`` is None for study-level results.
+
+    A study none of whose images could be used has a result with no finding:
+    ``reason`` says why (:data:`NO_USABLE_IMAGES`), ``label`` repeats it so that
+    a listing shows it where a diagnosis would be, ``probability`` is NaN (never a
+    number that could pass for a score) and ``image_count`` is 0. ``reason`` is
+    None on every result with a finding (``has_finding``).
     """
 
     id: int
@@ -161,6 +171,11 @@ class ResultRecord:
     revision: int
     created_at: datetime
     study_count: int | None = None
+    reason: str | None = None
+
+    @property
+    def has_finding(self) -> bool:
+        return self.reason is None
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,9 @@ class Instance(Base):
     updated_at: Mapped[datetime]
     claimed_at: Mapped[datetime | None]
     claim_token: Mapped[str | None]
+    # The worker process holding the claim (node name and pool slot, stable across its
+    # restarts), so that a restarted worker gives back what it held before.
+    claimed_by: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
 
 
@@ -239,7 +242,12 @@ class Prediction(Base):
 
 
 class StudyResultRow(Base):
-    """One revision of the aggregated result of a study; old revisions are kept."""
+    """One revision of the aggregated result of a study; old revisions are kept.
+
+    A study none of whose images could be used (every one rejected or failed) gets a
+    result with no finding: ``label`` and ``probability`` NULL, ``image_count`` 0 and
+    ``reason`` saying why; ``reason`` is NULL on every result with a finding.
+    """
 
     __tablename__ = "study_results"
     __table_args__ = (UniqueConstraint("study_id", "revision"),)
@@ -248,12 +256,13 @@ class StudyResultRow(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     model_version: Mapped[str]
     rule: Mapped[str]
-    label: Mapped[str]
-    probability: Mapped[float] = mapped_column(Float)
+    label: Mapped[str | None]
+    probability: Mapped[float | None] = mapped_column(Float)
     probabilities: Mapped[dict[str, float]]
     image_count: Mapped[int] = mapped_column(Integer)
     revision: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
+    reason: Mapped[str | None]
 
 
 class PatientResultRow(Base):

@@ -51,12 +51,13 @@ class Settings(BaseSettings):
     frame_policy: str = "middle"
     batch_max: int = 32
     batch_wait_seconds: float = 0.2
-    claim_lease_seconds: float = 600.0
+    # A live worker renews its claims every third of this; a vanished one loses them after it.
+    claim_lease_seconds: float = Field(default=30.0, gt=0)
     decode_threads: int = 2
     study_idle_seconds: float = 30.0
     finalise_interval_seconds: float = 1.0
     aggregation_rule: str = "mean"
-    requeue_interval_seconds: float = 30.0
+    requeue_interval_seconds: float = 10.0
     requeue_stale_seconds: float = 120.0
 
     # Continuous learning: labels → scheduled refit → champion/challenger promotion

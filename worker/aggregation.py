@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from db import repository
-from db.records import ImagePrediction, ResultRecord
+from db.records import NO_USABLE_IMAGES, ImagePrediction, ResultRecord
 from models.aggregation import combine
 from worker.context import WorkerContext
 
@@ -43,8 +43,25 @@ def finalise_study(ctx: WorkerContext, study_id: int, now: dt.datetime) -> Final
     rule, positive = ctx.settings.aggregation_rule, ctx.settings.positive_class
     with ctx.sessions.begin() as session:
         preds = repository.study_predictions(session, study_id)
-        if not preds.images or preds.model_version is None:
+        if preds.model_version is None:
             return None
+        if not preds.images:
+            if not repository.has_no_usable_image(session, study_id):
+                return None  # e.g. predicted under another version: rescoring's business
+            unusable = repository.save_study_result(
+                session,
+                study_id=study_id,
+                model_version=preds.model_version,
+                rule=rule,
+                label=None,
+                probability=None,
+                probabilities={},
+                image_count=0,
+                now=now,
+                epoch=preds.epoch,
+                reason=NO_USABLE_IMAGES,
+            )
+            return Finalised(study=unusable, patient=None)
         classes = list(preds.images[0].probabilities)
         label, prob, probs = _combine(preds.images, classes, rule, positive)
         study = repository.save_study_result(
@@ -91,8 +108,9 @@ def finalise_due(ctx: WorkerContext, now: dt.datetime | None = None) -> list[Fin
         if result is not None:
             done.append(result)
             ctx.observe("study_result", {"study": result.study})
-    if done and ctx.settings.sr_destination:
+    reportable = [f.study for f in done if f.study.has_finding]
+    if reportable and ctx.settings.sr_destination:
         from worker.archive_tasks import queue_reports  # the SR hook; imports highdicom
 
-        queue_reports(ctx, [f.study for f in done])
+        queue_reports(ctx, reportable)
     return done

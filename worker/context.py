@@ -2,26 +2,31 @@
 
 Celery tasks are plain functions, so each worker process keeps one
 :class:`WorkerContext`, made on first use after the fork (never at import), and
-disposed of the pooled connections it inherited from a parent.
+disposed of the pooled connections it inherited from a parent. A worker process
+that starts gives back the claims its previous life held (``worker.claims``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import current_app
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from pacs.pixels import FramePolicy
 from pacs.spool import Spool
 from thyrocad.settings import Settings, load_settings
+from worker.claims import ClaimBook, recover_at_start, set_node_name, worker_name
 from worker.model_holder import ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ class WorkerContext:
     spool: Spool
     frame_policy: FramePolicy
     models: ModelHolder
+    claims: ClaimBook
     # Hook for metrics: called with an event name and its fields.
     observe: Callable[[str, dict[str, Any]], None] = field(default=lambda event, fields: None)
 
@@ -50,7 +56,21 @@ class WorkerContext:
             spool=Spool(settings.spool_dir),
             frame_policy=FramePolicy.parse(settings.frame_policy),
             models=ModelHolder(),
+            claims=ClaimBook(worker_name()),
         )
+
+    def wait_for_database(self, timeout: float, interval: float = 0.5) -> bool:
+        """Block until the database answers (True) or ``timeout`` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return True
+            except SQLAlchemyError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(interval)
 
 
 _lock = threading.Lock()
@@ -84,10 +104,25 @@ def set_context(context: WorkerContext | None) -> None:
         _context = context
 
 
+@celeryd_init.connect
+def _node_started(sender: str | None = None, **_: object) -> None:
+    set_node_name(sender)
+
+
 @worker_process_init.connect
-def _after_fork(**_: object) -> None:
+def _after_fork(sender: object = None, **_: object) -> None:
     # Connections inherited from the parent must not be shared across processes.
     global _context
     if _context is not None:
         _context.engine.dispose(close=False)
         _context = None
+    if isinstance(sender, str):  # the solo pool names its node here
+        set_node_name(sender)
+    threading.Thread(target=_recover_claims, name="thyrocad-claims-at-start", daemon=True).start()
+
+
+def _recover_claims() -> None:
+    try:
+        recover_at_start(get_context())
+    except Exception:  # a task will meet the same problem and report it
+        logger.exception("could not give back the claims held before this start")

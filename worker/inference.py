@@ -3,8 +3,10 @@
 A single call drains the backlog in batches: while the model runs on one batch,
 a thread pool already claims and decodes the next, so pixel decoding overlaps
 the forward pass. Every step is idempotent: a batch that dies half-way is
-claimed again after its lease, and predictions are upserted per
-(instance, frame, model version), so an instance is predicted exactly once.
+released (at once, or by the next drain of this worker once the database
+answers again, or after its lease if the worker vanished), and predictions are
+upserted per (instance, frame, model version), so an instance is predicted
+exactly once. Claims are renewed while the drain runs (``worker.claims``).
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from db import repository
 from db.records import ClaimedInstance, PredictionRecord
 from pacs.errors import PixelError, SpoolError
 from pacs.pixels import FrameImage, images_from_file
+from worker.claims import heartbeat
 from worker.context import WorkerContext
 
 if TYPE_CHECKING:
@@ -67,6 +70,7 @@ def claim(ctx: WorkerContext, limit: int, token: str) -> list[ClaimedInstance]:
                 token=token,
                 now=utcnow(),
                 lease_seconds=settings.claim_lease_seconds,
+                worker=ctx.claims.worker,
             )
         if len(claimed) >= limit or time.monotonic() >= deadline:
             return claimed
@@ -98,16 +102,27 @@ def decode(
 def _claim_and_decode(
     ctx: WorkerContext, pool: ThreadPoolExecutor, size: int, limit: int
 ) -> DecodedBatch | None:
-    token = uuid.uuid4().hex
-    claimed = claim(ctx, limit, token)
-    if not claimed:
-        return None
-    frames, failed = decode(ctx, pool, claimed, size)
+    token = ctx.claims.open()
+    try:
+        claimed = claim(ctx, limit, token)
+        if not claimed:
+            ctx.claims.close(token)
+            return None
+        frames, failed = decode(ctx, pool, claimed, size)
+    except BaseException:
+        ctx.claims.close(token)  # what it claimed goes back at this worker's next drain
+        raise
     return DecodedBatch(token, frames, failed, time.monotonic())
 
 
 def predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Classifier) -> int:
     """Run ``classifier`` on a decoded batch and upsert its predictions."""
+    applied = _predict_and_store(ctx, batch, classifier)
+    ctx.claims.close(batch.token)  # on an error the caller releases the batch
+    return applied
+
+
+def _predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Classifier) -> int:
     with ctx.sessions.begin() as session:
         for item, reason in batch.failed:
             repository.mark_rejected(session, item.instance_id, reason, utcnow(), token=batch.token)
@@ -150,8 +165,15 @@ def _release(ctx: WorkerContext, batch: DecodedBatch | None) -> None:
     ids = sorted(
         {item.instance_id for item, _ in batch.frames} | {i.instance_id for i, _ in batch.failed}
     )
-    with ctx.sessions.begin() as session:
-        repository.release_claim(session, ids, batch.token, utcnow())
+    try:
+        with ctx.sessions.begin() as session:
+            repository.release_claim(session, ids, batch.token, utcnow())
+    except SQLAlchemyError:
+        # The database is gone (the error being handled, most likely): this worker's
+        # next drain gives the batch back as soon as the database answers again.
+        logger.warning("could not release %d claimed instances now", len(ids))
+    finally:
+        ctx.claims.close(batch.token)
 
 
 def run_inference(ctx: WorkerContext, max_batches: int | None = None) -> BatchOutcome:
@@ -159,12 +181,15 @@ def run_inference(ctx: WorkerContext, max_batches: int | None = None) -> BatchOu
 
     Stops early (``model_changed``) when another version is promoted meanwhile, so
     the caller starts again with the new model; on any error the claimed but
-    unpredicted instances are released for another attempt.
+    unpredicted instances are released for another attempt. Starts by giving back
+    what this worker claimed earlier and no longer works on.
     """
+    ctx.claims.release_stale(ctx)
     classifier = _active_classifier(ctx)
     size, limit = classifier.input_size, ctx.settings.batch_max
     predicted = rejected = batches = 0
     with (
+        heartbeat(ctx),
         ThreadPoolExecutor(max_workers=max(1, ctx.settings.decode_threads)) as pool,
         ThreadPoolExecutor(max_workers=1) as prefetch,
     ):

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that load ids, call a function, persist.
 
 Every task is idempotent, so ``acks_late`` re-delivery after a crash is safe.
-Transient database/broker errors retry with exponential backoff.
+Transient database/broker errors retry with exponential backoff; inference,
+which holds claims, waits for the database instead and retries the moment it
+answers, so a short outage delays results by the outage, not by a backoff.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from worker.inference import run_inference
 from worker.model_holder import NoActiveModel
 
 logger = logging.getLogger(__name__)
+
+#: How long an inference task waits for a database that went away before it backs off.
+DATABASE_WAIT_SECONDS = 120.0
 
 TRANSIENT = (DatabaseError, BrokerError, ConnectionError)
 RETRY = {
@@ -42,6 +47,12 @@ def infer(self, instance_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
         # Not a failure of these instances: they stay queued until a promotion.
         logger.warning("%s", exc)
         raise self.retry(countdown=30, exc=exc) from exc
+    except DatabaseError as exc:
+        logger.warning("database unavailable during inference; waiting for it")
+        if not ctx.wait_for_database(DATABASE_WAIT_SECONDS):
+            raise  # the backoff of RETRY takes over
+        logger.info("database answers again; inference resumes")
+        raise self.retry(countdown=0, exc=exc) from exc
     return outcome.predicted
 
 
@@ -57,7 +68,12 @@ def requeue_stale() -> int:
     ctx = get_context()
     now = dt.datetime.now(dt.UTC)
     with ctx.sessions.begin() as session:
-        ids = repository.instances_to_requeue(session, now, ctx.settings.requeue_stale_seconds)
+        ids = repository.instances_to_requeue(
+            session,
+            now,
+            ctx.settings.requeue_stale_seconds,
+            lease_seconds=ctx.settings.claim_lease_seconds,
+        )
         if ids:
             repository.mark_queued(session, ids, now)
     if ids:

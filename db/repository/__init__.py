@@ -53,6 +53,7 @@ from db.repository.archive import (
     upsert_backfill_item,
 )
 from db.repository.finalisation import (
+    has_no_usable_image,
     patient_predictions,
     results,
     save_patient_result,
@@ -73,6 +74,8 @@ from db.repository.instances import (
     register_instances,
     rejection_counts,
     release_claim,
+    release_worker_claims,
+    renew_claims,
     save_predictions,
 )
 from db.repository.labels import (
@@ -104,6 +107,7 @@ __all__ = [
     "backfill_items",
     "claim_instances",
     "decide_holdout",
+    "has_no_usable_image",
     "instance_counts",
     "instances_to_requeue",
     "known_instance",
@@ -119,6 +123,8 @@ __all__ = [
     "register_instances",
     "rejection_counts",
     "release_claim",
+    "release_worker_claims",
+    "renew_claims",
     "report_source",
     "results",
     "save_patient_result",

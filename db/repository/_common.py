@@ -6,6 +6,7 @@ Private to ``db.repository``; the state groups are re-exported there.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +62,7 @@ def _result_record(
     patient_key: str,
     study_count: int | None,
 ) -> ResultRecord:
+    row_reason = row.reason if isinstance(row, StudyResultRow) else None
     return ResultRecord(
         id=row.id,
         level="study" if level == "study" else "patient",
@@ -68,11 +70,12 @@ def _result_record(
         patient_key=patient_key,
         model_version=row.model_version,
         rule=row.rule,
-        label=row.label,
-        probability=row.probability,
+        label=row.label if row.label is not None else (row_reason or ""),
+        probability=row.probability if row.probability is not None else math.nan,
         probabilities=dict(row.probabilities),
         image_count=row.image_count,
         revision=row.revision,
         created_at=row.created_at,
         study_count=study_count,
+        reason=row_reason,
     )

@@ -60,6 +60,16 @@ def studies_to_finalise(
     )
 
 
+def has_no_usable_image(session: Session, study_id: int) -> bool:
+    """True when the study has instances and every one ended ``rejected`` or ``failed``."""
+    states = set(
+        session.execute(select(Instance.state).where(Instance.study_id == study_id).distinct())
+        .scalars()
+        .all()
+    )
+    return bool(states) and states <= {"rejected", "failed"}
+
+
 def _default_version(session: Session, scope: Any) -> str | None:
     """The active model's version, else the version of the newest prediction in scope."""
     active = session.execute(
@@ -191,18 +201,21 @@ def save_study_result(
     study_id: int,
     model_version: str,
     rule: str,
-    label: str,
-    probability: float,
+    label: str | None,
+    probability: float | None,
     probabilities: dict[str, float],
     image_count: int,
     now: datetime | None = None,
     epoch: int | None = None,
+    reason: str | None = None,
 ) -> ResultRecord:
     """Store a study result as a new revision (1, 2, …) and mark the study finalised.
 
     Idempotent: a result identical to the latest revision (same version, rule,
-    label, probability, probabilities and image count) returns that revision
-    instead of adding one. Old revisions are kept.
+    label, probability, probabilities, image count and reason) returns that
+    revision instead of adding one. Old revisions are kept. A result with no
+    finding has ``label`` and ``probability`` None and a ``reason`` (see
+    ``ResultRecord``).
 
     ``needs_finalise`` is cleared only if no prediction arrived since the
     caller read ``StudyPredictions.epoch`` (pass it as ``epoch``); otherwise
@@ -237,9 +250,10 @@ def save_study_result(
         "model_version": model_version,
         "rule": rule,
         "label": label,
-        "probability": float(probability),
+        "probability": None if probability is None else float(probability),
         "probabilities": {k: float(v) for k, v in probabilities.items()},
         "image_count": image_count,
+        "reason": reason,
     }
     latest = session.execute(
         select(StudyResultRow)

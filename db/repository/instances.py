@@ -36,6 +36,9 @@ from db.schema import (
     patient_key_for,
 )
 
+# What a row holds once no worker has it.
+_UNCLAIMED: dict[str, Any] = {"claim_token": None, "claimed_at": None, "claimed_by": None}
+
 
 def register_instance(
     session: Session, rec: InstanceRecord, now: datetime | None = None
@@ -355,6 +358,7 @@ def _register_known(
                 reason=None,
                 claim_token=None,
                 claimed_at=None,
+                claimed_by=None,
                 attempts=0,
                 received_count=Instance.received_count + 1,
                 received_at=now,
@@ -435,6 +439,7 @@ def claim_instances(
     lease_seconds: float = 300.0,
     only_ids: Sequence[int] | None = None,
     max_attempts: int | None = None,
+    worker: str | None = None,
 ) -> list[ClaimedInstance]:
     """Take up to ``limit`` instances for this worker, oldest received first.
 
@@ -442,7 +447,8 @@ def claim_instances(
     lease (``claimed_at`` older than ``lease_seconds``) ran out because their
     worker died. They become ``processing`` with ``claim_token=token``,
     ``claimed_at=now`` and one more attempt. ``only_ids`` restricts the claim
-    to the ids a task carries. With ``max_attempts``, claimable rows that
+    to the ids a task carries. ``worker`` names the claiming worker process
+    (``claimed_by``, see :func:`release_worker_claims`). With ``max_attempts``, claimable rows that
     already used that many attempts are marked ``failed`` instead (an
     instance that kills its worker every time must not loop forever).
 
@@ -470,6 +476,7 @@ def claim_instances(
                 reason=f"gave up after {max_attempts} attempts without a result",
                 claim_token=None,
                 claimed_at=None,
+                claimed_by=None,
                 updated_at=now,
             )
             .execution_options(**_no_sync())
@@ -490,6 +497,7 @@ def claim_instances(
             state="processing",
             claim_token=token,
             claimed_at=now,
+            claimed_by=worker,
             updated_at=now,
             attempts=Instance.attempts + 1,
         )
@@ -539,12 +547,57 @@ def release_claim(
             Instance.state == "processing",
             Instance.claim_token == token,
         )
-        .values(
-            state="queued", claim_token=None, claimed_at=None, reason=reason, updated_at=_now(now)
-        )
+        .values(state="queued", reason=reason, updated_at=_now(now), **_UNCLAIMED)
         .execution_options(**_no_sync())
     )
     return cast(int, result.rowcount)  # type: ignore[attr-defined]
+
+
+def renew_claims(session: Session, tokens: Sequence[str], now: datetime | None = None) -> int:
+    """Extend the lease of every instance still claimed with one of ``tokens``.
+
+    A live worker calls this well within the lease while it decodes and predicts, so
+    a short lease takes over a dead worker's claims quickly without stealing a slow
+    batch. Returns how many rows were renewed.
+    """
+    if not tokens:
+        return 0
+    result = session.execute(
+        update(Instance)
+        .where(Instance.state == "processing", Instance.claim_token.in_(list(tokens)))
+        .values(claimed_at=_now(now))
+        .execution_options(**_no_sync())
+    )
+    return cast(int, result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_worker_claims(
+    session: Session,
+    worker: str,
+    keep_tokens: Sequence[str] = (),
+    now: datetime | None = None,
+) -> list[int]:
+    """Give back (``processing`` → ``queued``) what ``worker`` claimed and no longer works on.
+
+    A worker process calls this when it starts, and before each drain, with the tokens
+    of the batches it is working on right now as ``keep_tokens``: claims left by its
+    previous life (killed) or by a drain that died with the database are released at
+    once instead of waiting for their lease. Returns the released ids, oldest first.
+    """
+    conditions: list[ColumnElement[bool]] = [
+        Instance.state == "processing",
+        Instance.claimed_by == worker,
+    ]
+    if keep_tokens:
+        conditions.append(Instance.claim_token.not_in(list(keep_tokens)))
+    rows = session.execute(
+        update(Instance)
+        .where(*conditions)
+        .values(state="queued", reason=None, updated_at=_now(now), **_UNCLAIMED)
+        .returning(Instance.id, Instance.received_at)
+        .execution_options(**_no_sync())
+    ).all()
+    return [row.id for row in sorted(rows, key=lambda row: (row.received_at, row.id))]
 
 
 def _settle(
@@ -558,10 +611,18 @@ def _settle(
     conditions: list[ColumnElement[bool]] = [Instance.id == instance_id]
     if token is not None:
         conditions += [Instance.state == "processing", Instance.claim_token == token]
+    # The study first (the lock order), marked so the finaliser looks at it again: a
+    # study whose every image ends rejected or failed gets a result saying so.
+    session.execute(
+        update(Study)
+        .where(Study.id == select(Instance.study_id).where(*conditions).scalar_subquery())
+        .values(needs_finalise=True, prediction_epoch=Study.prediction_epoch + 1)
+        .execution_options(**_no_sync())
+    )
     result = session.execute(
         update(Instance)
         .where(*conditions)
-        .values(state=state, reason=reason, claim_token=None, claimed_at=None, updated_at=_now(now))
+        .values(state=state, reason=reason, updated_at=_now(now), **_UNCLAIMED)
         .execution_options(**_no_sync())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -678,7 +739,7 @@ def save_predictions(
     applied = session.execute(
         update(Instance)
         .where(*conditions)
-        .values(state="predicted", reason=None, claim_token=None, claimed_at=None, updated_at=now)
+        .values(state="predicted", reason=None, updated_at=now, **_UNCLAIMED)
         .returning(Instance.id)
         .execution_options(**_no_sync())
     ).all()

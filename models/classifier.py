@@ -163,5 +163,10 @@ def load_classifier(path: Path, version: str, metadata: dict[str, Any]) -> Class
         classifier = Classifier(model, version, architecture, classes, input_size)
     except ModelsError as exc:
         raise RegistryError(f"model {version} does not match its metadata: {exc}") from exc
-    logger.info("classifier loaded", extra={"version": version, "architecture": architecture})
+    backend = keras.backend.backend()
+    logger.info(
+        "classifier loaded on the %s backend",
+        backend,
+        extra={"version": version, "architecture": architecture, "backend": backend},
+    )
     return classifier

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,27 +83,79 @@ def _no_observer(event: str, fields: dict[str, object]) -> None:
     return None
 
 
+class BrokerWatch:
+    """Logs a broker outage as it is lived: one line when publishing starts to fail, one
+    when it works again (with how many publishes failed meanwhile), and at most one
+    summary a minute in between, instead of a traceback for every failed publish."""
+
+    def __init__(self, summary_seconds: float = 60.0) -> None:
+        self._lock = threading.Lock()
+        self._summary_seconds = summary_seconds
+        self._failed = 0
+        self._instances = 0
+        self._last_line = 0.0
+
+    def failed(self, instances: int, error: Exception) -> None:
+        with self._lock:
+            first = self._failed == 0
+            self._failed += 1
+            self._instances += instances
+            now = time.monotonic()
+            summary = not first and now - self._last_line >= self._summary_seconds
+            if first or summary:
+                self._last_line = now
+            failed, waiting = self._failed, self._instances
+        if first:
+            logger.error(
+                "broker unavailable (%s): instances stay registered, queued when it is back",
+                type(error).__name__,
+                extra={"error": str(error)},
+            )
+        elif summary:
+            logger.warning(
+                "broker still unavailable: %d publishes failed, %d instances wait",
+                failed,
+                waiting,
+            )
+
+    def succeeded(self) -> None:
+        with self._lock:
+            failed, waiting = self._failed, self._instances
+            self._failed = self._instances = 0
+        if failed:
+            logger.warning(
+                "broker available again after %d failed publishes; %d instances wait for "
+                "the requeue",
+                failed,
+                waiting,
+            )
+
+
 def register_and_publish(
     session_factory: sessionmaker[Session],
     records: Sequence[InstanceRecord],
     publish: Publish,
     now: dt.datetime | None = None,
+    broker: BrokerWatch | None = None,
 ) -> list[RegisterOutcome]:
     """Register ``records`` in one transaction, then publish the new and replaced ones.
 
     A publish failure leaves the instances in state ``received``; the stale
-    requeue picks them up once the broker is back, so nothing is lost.
+    requeue picks them up once the broker is back, so nothing is lost. ``broker``
+    logs the failure (default: a watch of this call alone).
     """
     now = now or utcnow()
+    broker = broker or BrokerWatch()
     with session_factory.begin() as session:
         outcomes = repository.register_instances(session, records, now)
     fresh = [o.instance_id for o in outcomes if o.outcome in ("new", "replaced")]
     if fresh:
         try:
             publish(fresh)
-        except Exception:
-            logger.exception("broker unavailable: %d instances stay registered", len(fresh))
+        except Exception as exc:
+            broker.failed(len(fresh), exc)
             return outcomes
+        broker.succeeded()
         with session_factory.begin() as session:
             repository.mark_queued(session, fresh, now)
     return outcomes
@@ -125,6 +178,7 @@ class Intake:
         self._batch_max = batch_max
         self._retry_seconds = retry_seconds
         self._observe = observer
+        self._broker = BrokerWatch()
         self._queue: queue.Queue[_Accepted | _Rejected] = queue.Queue()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -207,7 +261,9 @@ class Intake:
                         session, r.sop_instance_uid, r.calling_aet, r.reason, r.status, r.at
                     )
         if records:
-            outcomes = register_and_publish(self._sessions, _dedupe(records), self._publish)
+            outcomes = register_and_publish(
+                self._sessions, _dedupe(records), self._publish, broker=self._broker
+            )
             for outcome in outcomes:
                 self._observe("registered", {"outcome": outcome.outcome})
                 if outcome.outcome == "replaced":

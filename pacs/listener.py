@@ -44,6 +44,7 @@ from pacs.meta import (
     InstanceMeta,
     describe,
     read_dataset,
+    register_storage_classes,
 )
 from pacs.spool import Spool, SpoolEntry
 
@@ -171,6 +172,7 @@ def make_ae(config: ListenerConfig) -> AE:
     if config.allowed_aets:
         ae.require_calling_aet = list(config.allowed_aets)
     ae.require_called_aet = config.require_called_aet
+    register_storage_classes()  # the retired classes too, or their C-STOREs abort
     ae.add_supported_context(Verification)
     for sop_class in ULTRASOUND_SOP_CLASSES:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)

@@ -37,6 +37,33 @@ ULTRASOUND_SOP_CLASSES = {
 }
 
 
+def register_storage_classes() -> list[str]:
+    """Make pynetdicom's storage service handle every class of :data:`ULTRASOUND_SOP_CLASSES`.
+
+    pynetdicom 3.0 knows no retired storage classes: it accepts a presentation context for
+    Ultrasound Image Storage (Retired) when we add it, then finds no service for the first
+    C-STORE in it and aborts the whole association. Registering the UIDs with
+    ``StorageServiceClass`` sends those C-STOREs to our handler like any other. Call before
+    accepting associations; calling again does nothing. Returns the UIDs it registered.
+    """
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import register_uid, uid_to_service_class
+
+    registered = []
+    for uid in ULTRASOUND_SOP_CLASSES:
+        if uid_to_service_class(uid) is StorageServiceClass:
+            continue
+        keyword = UID(uid).keyword or "ThyrocadStorage" + uid.replace(".", "_")
+        register_uid(uid, keyword, StorageServiceClass)
+        registered.append(uid)
+    unhandled = [
+        u for u in ULTRASOUND_SOP_CLASSES if uid_to_service_class(u) is not StorageServiceClass
+    ]
+    if unhandled:  # a pynetdicom whose registry works differently: fail before listening
+        raise RuntimeError(f"pynetdicom's storage service does not handle {unhandled}")
+    return registered
+
+
 # SOP Class UID, SOP Instance UID, Study Instance UID, Pixel Data
 _IDENTIFYING_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x7FE00010)
 

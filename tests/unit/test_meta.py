@@ -68,3 +68,17 @@ def test_garbage_bytes_are_not_dicom() -> None:
         describe(read_dataset(b"\x00\x01garbage" * 10))
     assert info.value.status == 0xC000
     assert "not a DICOM dataset" in info.value.reason
+
+
+def test_every_accepted_sop_class_is_handled_by_the_storage_service() -> None:
+    # pynetdicom 3.0 knows no retired storage class: a C-STORE in an accepted context for
+    # one would find no service and abort the association.
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    from pacs.meta import ULTRASOUND_SOP_CLASSES, register_storage_classes
+
+    register_storage_classes()
+    for uid in ULTRASOUND_SOP_CLASSES:
+        assert uid_to_service_class(uid) is StorageServiceClass, uid
+    assert register_storage_classes() == [], "a second call registers nothing"

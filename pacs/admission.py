@@ -40,6 +40,9 @@ _CONTEXT_RESULTS = {
     0x04: "transfer syntaxes not supported",
 }
 
+# Rejected abstract syntaxes named in the log line; the rest are counted.
+_CONTEXTS_SHOWN = 5
+
 # A connection refused for want of room is logged at most this often (a flood would
 # otherwise write one line per connection).
 _REFUSAL_LOG_INTERVAL = 10.0
@@ -134,18 +137,30 @@ class Admission:
         )
 
     def accepted(self, event: Any) -> None:
-        """EVT_ACCEPTED: one log line naming the presentation contexts refused, if any."""
-        refused = getattr(event.assoc, "rejected_contexts", [])
+        """EVT_ACCEPTED: one log line naming the presentation contexts refused, if any:
+        a warning when nothing was accepted, else information (many senders, dcmtk's
+        storescu among them, propose every storage class they know)."""
+        assoc = event.assoc
+        refused = sorted(
+            {
+                (str(cx.abstract_syntax), _CONTEXT_RESULTS.get(cx.result, str(cx.result)))
+                for cx in getattr(assoc, "rejected_contexts", [])
+            }
+        )
         if not refused:
             return
-        logger.warning(
+        accepted = len(getattr(assoc, "accepted_contexts", []))
+        shown = "; ".join(f"{uid} ({why})" for uid, why in refused[:_CONTEXTS_SHOWN])
+        if len(refused) > _CONTEXTS_SHOWN:
+            shown += f"; and {len(refused) - _CONTEXTS_SHOWN} more"
+        logger.log(
+            logging.INFO if accepted else logging.WARNING,
             "presentation contexts rejected",
             extra={
-                **peer(event.assoc),
-                "contexts": "; ".join(
-                    f"{cx.abstract_syntax} ({_CONTEXT_RESULTS.get(cx.result, cx.result)})"
-                    for cx in refused
-                ),
+                **peer(assoc),
+                "accepted": accepted,
+                "rejected": len(refused),
+                "contexts": shown,
             },
         )
 

@@ -51,6 +51,10 @@ _RECV_PREALLOCATE = 1024 * 1024
 # The longest a reactor blocks before looking at its timers and stop flags again.
 _MAX_WAIT = 0.05
 
+# The longest the DUL leaves the socket unread while the association thread answers an
+# A-ASSOCIATE-RQ (it answers at once; this only bounds a thread that never does).
+_ANSWER_WAIT = 2.0
+
 # PDU types (PS3.8 9.3.1): pynetdicom reads the body of these, and only of these.
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _P_DATA_TF = 0x04
@@ -89,6 +93,7 @@ def tune_association(event: Any, limits: TransportLimits | None = None) -> None:
     except (AttributeError, OSError):
         logger.debug("could not tune the association's socket")
         return
+    _PYNETDICOM_LOG.install()
     reader = PduReader(transport, assoc, limits or TransportLimits())
     transport.recv = reader
     _wait_instead_of_polling(assoc)
@@ -161,6 +166,10 @@ class PduReader:
         self.closed = False
 
     def __call__(self, nr_bytes: int) -> bytearray:
+        if self.closed:
+            # Garbage after an invalid PDU is not read 6 bytes (one pynetdicom error line)
+            # at a time: the connection is over.
+            return bytearray()
         header = self._header_next
         if header:
             # Before the association is up, the whole request counts from the connection's
@@ -175,7 +184,7 @@ class PduReader:
         except OSError as exc:  # TimeoutError included
             self._end("timed out" if isinstance(exc, TimeoutError) else "read failed", header)
             if not header:
-                _quiet_once()
+                _PYNETDICOM_LOG.quiet_once()
             return bytearray()
         if len(data) < nr_bytes:
             self.closed = True
@@ -185,6 +194,7 @@ class PduReader:
             return data
         pdu_type, _, length = struct.unpack(">BBL", data)
         if pdu_type not in _PDU_TYPES:
+            self.closed = True
             return data  # pynetdicom aborts on it and reads no body
         if length > self._limits.longest(pdu_type):
             self._abort_oversized(pdu_type, length)
@@ -231,29 +241,37 @@ class PduReader:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-class _OurEndsQuiet(logging.Filter):
-    """Drops pynetdicom's "PDU shorter than expected" error for a read the reader ended
-    on purpose (it logged why already), once, on the DUL thread that ended it."""
+class _PynetdicomLog(logging.Filter):
+    """pynetdicom's PDU decoding log, one line per event: no traceback for a PDU a peer got wrong
+    (it logs one for every undecodable PDU), and no "PDU shorter than expected" error
+    for a read the reader ended on purpose (it logged why already)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending = threading.local()
+        self._ended_here = threading.local()
+
+    def quiet_once(self) -> None:
+        """Drop the next "shorter than expected" record of this (DUL) thread."""
+        self._ended_here.flag = True
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(self.pending, "flag", False) and "shorter than expected" in str(record.msg):
-            self.pending.flag = False
+        if getattr(self._ended_here, "flag", False) and "shorter than expected" in str(record.msg):
+            self._ended_here.flag = False
             return False
+        if record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
         return True
 
+    def install(self) -> None:
+        # The DUL, and the decoding helpers it calls on a PDU's fields.
+        for name in ("pynetdicom.dul", "pynetdicom.utils"):
+            named = logging.getLogger(name)
+            if self not in named.filters:
+                named.addFilter(self)
 
-_OUR_ENDS_QUIET = _OurEndsQuiet()
 
-
-def _quiet_once() -> None:
-    dul_logger = logging.getLogger("pynetdicom.dul")
-    if _OUR_ENDS_QUIET not in dul_logger.filters:
-        dul_logger.addFilter(_OUR_ENDS_QUIET)
-    _OUR_ENDS_QUIET.pending.flag = True
+_PYNETDICOM_LOG = _PynetdicomLog()
 
 
 def _stop_waiting_when_closed(assoc: Any, reader: PduReader) -> None:
@@ -364,9 +382,30 @@ def _wait_instead_of_polling(assoc: Any) -> None:
     # checks the socket only when no primitive waits to be sent; that check now blocks.
     dul._run_loop_delay = 0
     check_socket = dul._is_transport_event
+    awaiting_answer_since: list[float] = []
+
+    def answer_pending() -> bool:
+        # Sta3: an A-ASSOCIATE-RQ went up to the association thread, whose AC or RJ is
+        # due. Reading on now lets garbage after the request move the state machine on
+        # first, and pynetdicom's DUL thread then dies on the answer it cannot send.
+        if dul.state_machine.current_state != "Sta3":
+            awaiting_answer_since.clear()
+            return False
+        if not awaiting_answer_since:
+            awaiting_answer_since.append(time.monotonic())
+        return time.monotonic() - awaiting_answer_since[0] < _ANSWER_WAIT
 
     def wait_then_check_socket() -> bool:
-        if dul.event_queue.empty() and dul.to_provider_queue.empty() and not dul._kill_thread:
+        if not dul.event_queue.empty():
+            # The next PDU is read once the state machine has acted on the last one (the
+            # connection's opening included), never ahead of it.
+            return False
+        if answer_pending():
+            with contextlib.suppress(OSError, ValueError):
+                select.select([doorbell], [], [], _MAX_WAIT)
+            doorbell.clear()
+            return False
+        if dul.to_provider_queue.empty() and not dul._kill_thread:
             sock = getattr(dul.socket, "socket", None)
             waitables: list[Any] = [doorbell] if sock is None else [sock, doorbell]
             # A socket closed under us is reported by pynetdicom's own check.

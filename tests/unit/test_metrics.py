@@ -433,6 +433,17 @@ def test_compose_file_describes_the_whole_deployment() -> None:
     assert thyrocad - {"migrate"} <= scraped
 
 
+def test_compose_refuses_to_start_without_passwords() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for variable in ("POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        uses = re.findall(r"\$\{" + variable + r"([^}]*)\}", text)
+        assert uses, variable
+        # ${VAR:?message}: compose stops with the message when VAR is unset or empty.
+        assert all(use.startswith(":?") for use in uses), (variable, uses)
+    compose = _load_yaml(DEPLOY / "docker-compose.yml")
+    assert compose["x-thyrocad"]["env_file"] == [{"path": ".env", "required": True}]
+
+
 def test_dockerfile_runs_as_non_root_with_a_gpu_variant() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "FROM python:${PYTHON_VERSION}-slim" in text and "ARG PYTHON_VERSION=3.11" in text

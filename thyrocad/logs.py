@@ -47,9 +47,50 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Route all logs to stderr in text or JSON lines."""
+#: Scheduled tasks that run every second or minute: their routine lines are DEBUG.
+PERIODIC_TASKS = frozenset(
+    {
+        "thyrocad.finalise_studies",
+        "thyrocad.requeue_stale",
+        "thyrocad.requeue_reports",
+        "thyrocad.retrain",
+    }
+)
+
+
+class QuietWhenIdle(logging.Filter):
+    """Demotes what Celery logs at INFO for each run of a periodic task (beat's "Sending
+    due task", the worker's "received" and "succeeded") to DEBUG, unless the task did
+    something (returned a count other than 0). What an operator acts on stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self._routine(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+    @staticmethod
+    def _routine(record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "celery.beat" and isinstance(args, tuple) and len(args) == 2:
+            return str(args[1]) in PERIODIC_TASKS  # (entry name, task name)
+        if record.name in ("celery.worker.strategy", "celery.app.trace") and isinstance(args, dict):
+            if args.get("name") not in PERIODIC_TASKS:
+                return False
+            return str(args.get("return_value", "0")) in ("0", "None", "False")
+        return False
+
+
+def configure_logging(
+    level: str = "INFO", json_lines: bool = False, *, local_broker: bool = False
+) -> None:
+    """Route all logs to stderr in text or JSON lines.
+
+    ``local_broker``: the embedded, one-machine setup, where Celery's warnings about
+    a missing broker hostname and a worker run by root say nothing to act on.
+    """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(QuietWhenIdle())
     handler.setFormatter(
         JsonFormatter()
         if json_lines
@@ -63,6 +104,16 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     # pynetdicom logs every PDU at INFO: too chatty for an always-on service.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if local_broker:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="You're running the worker with superuser")
+        handler.addFilter(_no_broker_hostname_warning)
+
+
+def _no_broker_hostname_warning(record: logging.LogRecord) -> bool:
+    # The filesystem transport has no host; kombu warns that it "reverts to localhost".
+    return not (record.name == "kombu.connection" and "No hostname was supplied" in str(record.msg))
 
 
 @contextlib.contextmanager

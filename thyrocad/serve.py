@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from pacs.intake import Intake, Observer, reconcile_spool
 from pacs.listener import ListenerConfig, start_listener
 from pacs.spool import Spool
 from thyrocad import metrics
+from thyrocad.errors import PortInUse
 from thyrocad.settings import Settings
 from worker.app import create_app
 
@@ -25,6 +28,34 @@ logger = logging.getLogger(__name__)
 
 # Periodic reconciliation re-reads files written this long before its previous pass.
 RECONCILE_MARGIN_SECONDS = 10.0
+
+
+def check_ports_free(settings: Settings, *, embedded: bool = False) -> None:
+    """PortInUse, naming the setting to change, when a port this serve will listen on is
+    taken (another thyrocad, a storescp); checked before anything starts."""
+    ports = [(settings.port, "--port / THYROCAD_PORT")]
+    if settings.metrics_port:
+        # Embedded: each process serves its metrics on the next port (see Supervisor).
+        count = 4 if embedded else 1
+        ports += [(settings.metrics_port + i, "THYROCAD_METRICS_PORT") for i in range(count)]
+    for port, setting in ports:
+        host = settings.metrics_host if setting.startswith("THYROCAD_M") else settings.host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} is already in use by another process: stop "
+                        f"it, or choose another port with {setting}"
+                    ) from exc
+                if exc.errno == errno.EACCES:
+                    raise PortInUse(
+                        f"not allowed to listen on port {port} (ports below 1024 need root): "
+                        f"choose another with {setting}"
+                    ) from exc
+                raise
 
 
 def publisher(app: Celery) -> Callable[[list[int]], None]:

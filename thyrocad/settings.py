@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # DICOM listener
     ae_title: str = "THYROCAD"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: int = Field(default=11112, ge=1, le=65535)
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = 16  # per listener process
     listener_processes: int = Field(default=1, ge=1)
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     backfill_wait_seconds: float = 3600.0  # how long a backfill waits for arrival/classification
 
     # Metrics
-    metrics_port: int = 0  # 0 disables the metrics endpoint
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 disables the metrics endpoint
     metrics_host: str = "0.0.0.0"
     # Where a prefork worker keeps its per-process metric files (default: the temp folder).
     metrics_multiproc_dir: Path | None = None
@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         value = value.strip()
         if not value or len(value) > 16:
             raise ValueError("an AE title has 1 to 16 characters")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("a log level is DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
     @field_validator("sr_destination")

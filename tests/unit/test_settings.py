@@ -45,6 +45,10 @@ def test_lists_come_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
         ("THYROCAD_POSITIVE_CLASS", "cancer", "not one of"),
         ("THYROCAD_CLASSES", "normal", "at least two"),
         ("THYROCAD_PORT", "eleven", "port"),
+        ("THYROCAD_PORT", "99999", "less than or equal to 65535"),
+        ("THYROCAD_PORT", "0", "greater than or equal to 1"),
+        ("THYROCAD_METRICS_PORT", "70000", "less than or equal to 65535"),
+        ("THYROCAD_LOG_LEVEL", "loud", "DEBUG, INFO, WARNING"),
     ],
 )
 def test_unsafe_values_are_refused(
@@ -63,3 +67,24 @@ def test_every_setting_is_documented() -> None:
         env = env_name(name)
         assert env in listed, f"{env} is missing from deploy/.env.example"
         assert env in readme, f"{env} is missing from the README's configuration table"
+
+
+def test_a_refused_setting_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from thyrocad.errors import settings_message
+
+    monkeypatch.setenv("THYROCAD_PORT", "99999")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@db/x")
+    monkeypatch.setenv("THYROCAD_CLASSES", "normal")
+    with pytest.raises(ValidationError) as caught:
+        load_settings()
+    message = settings_message(caught.value)
+    assert "\n" not in message and "secret" not in message
+    assert message.startswith("invalid settings: THYROCAD_PORT=99999: Input should be less than")
+    monkeypatch.setenv("THYROCAD_PORT", "11112")
+    with pytest.raises(ValidationError) as caught:
+        load_settings()
+    assert settings_message(caught.value) == (
+        "invalid settings: THYROCAD_CLASSES needs at least two distinct class names"
+    )
+    monkeypatch.delenv("THYROCAD_CLASSES")
+    assert load_settings(log_level="debug").log_level == "DEBUG"

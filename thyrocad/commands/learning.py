@@ -35,6 +35,8 @@ from thyrocad.commands.common import (
     err,
     fail,
     progress,
+    read_sessions,
+    say_database,
     sessions,
     settings,
 )
@@ -195,7 +197,7 @@ def _column(fieldnames: list[str], names: tuple[str, ...]) -> str | None:
 
 @label_app.command("import")
 def label_import(
-    file: Annotated[Path, typer.Argument(help="CSV with a header row; see below.")],
+    file: Annotated[Path, typer.Argument(help="CSV with a header row, as described above.")],
     by: ByOption = None,
 ) -> None:
     """Add labels from a CSV file, all or none.
@@ -266,8 +268,10 @@ def label_history(
     """Every label (of one study or patient), oldest first; '*' marks the one in force."""
     from db import repository
 
-    with sessions(settings())() as session:
+    s = settings()
+    with read_sessions(s)() as session:
         rows = repository.label_history(session, study_uid=study, patient_key=patient)
+    say_database(s)
     latest: dict[tuple[str, str], int] = {}
     for r in rows:
         latest[(r.level, r.key)] = r.id
@@ -383,8 +387,10 @@ def training_runs(
     """Recorded refits, newest first: outcome, reason, duration, hold-out AUCs."""
     from worker.learning_store import training_runs as runs
 
-    with sessions(settings())() as session:
+    s = settings()
+    with read_sessions(s)() as session:
         rows = runs(session, limit)
+    say_database(s)
     if json_out:
         console.print_json(json.dumps([_plain(r) for r in rows], default=str))
         return

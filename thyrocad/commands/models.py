@@ -9,12 +9,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from thyrocad.commands.common import console, err, fail, progress, settings
+from thyrocad.commands.common import console, err, fail, note, progress, settings
+from thyrocad.errors import UserError
 from thyrocad.learning import promote_version
 from thyrocad.settings import Settings
 
 app = typer.Typer()
-models_app = typer.Typer(help="The model registry: list, show, promote.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: list, show, promote, rollback.", no_args_is_help=True
+)
 
 
 @app.command()
@@ -61,6 +64,9 @@ def train(
     """Train a model as the paper describes (patient split), evaluate it, register it."""
     from models.errors import ModelsError
 
+    _check_train_options(
+        data, arch, epochs, batch_size, input_size, weights, test_fraction, validation_fraction
+    )
     s = settings()
     try:
         version = _train(
@@ -83,6 +89,38 @@ def train(
     if promote:
         promote_version(s, version, registry or s.registry_dir)
     console.print(version)
+
+
+def _check_train_options(
+    data: Path,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    input_size: int,
+    weights: str,
+    test_fraction: float,
+    validation_fraction: float,
+) -> None:
+    """UserError for the first unusable option, before any image is read."""
+    from models.architectures import ARCH_SPECS, ARCHITECTURES
+
+    if arch not in ARCH_SPECS:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    smallest = ARCH_SPECS[arch].min_input_size
+    if input_size < smallest:
+        raise UserError(f"--input-size {input_size} is too small: {arch} needs {smallest} or more")
+    if epochs < 1 or batch_size < 1:
+        raise UserError("--epochs and --batch-size are at least 1")
+    if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1:
+        raise UserError("--test-fraction is between 0 and 1, --validation-fraction from 0 to 1")
+    if test_fraction + validation_fraction >= 1:
+        raise UserError("--test-fraction plus --validation-fraction leave nothing to train on")
+    if not data.exists():
+        raise UserError(f"--data {data} does not exist: give a folder CLASS/PATIENT/IMAGE or a CSV")
+    if data.is_file() and data.suffix.lower() != ".csv":
+        raise UserError(f"--data {data} is a file but not a .csv manifest")
+    if weights.lower() not in ("imagenet", "none") and not Path(weights).expanduser().is_file():
+        raise UserError(f"--weights {weights}: give imagenet, none, or an existing weights file")
 
 
 def _train(
@@ -243,7 +281,13 @@ def models_list(registry: Annotated[Path | None, typer.Option()] = None) -> None
     """Versions on disk; the active one is marked."""
     from models.registry import Registry
 
-    reg = Registry(registry or settings().registry_dir)
+    root = registry or settings().registry_dir
+    if not root.is_dir():  # Registry() would create it: a listing creates nothing
+        raise UserError(
+            f"no model registry at {root}: 'thyrocad train' registers a model there, or give "
+            "--registry / THYROCAD_DATA_DIR of an existing one"
+        )
+    reg = Registry(root)
     active = reg.active()
     table = Table("version", "architecture", "input", "created", "patient AUC", "active")
     for v in reg.list():
@@ -256,7 +300,11 @@ def models_list(registry: Annotated[Path | None, typer.Option()] = None) -> None
             f"{auc:.3f}" if auc is not None else "-",
             "*" if active and active.version == v.version else "",
         )
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    else:
+        console.print("no model versions yet")
+    note(f"registry: {root}")
 
 
 @models_app.command("show")

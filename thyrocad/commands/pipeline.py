@@ -8,9 +8,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from thyrocad.commands.common import console, ensure_schema, err, fail, progress, sessions, settings
+from thyrocad.commands.common import (
+    State,
+    console,
+    ensure_schema,
+    err,
+    fail,
+    progress,
+    read_sessions,
+    say_database,
+    settings,
+)
+from thyrocad.errors import UserError, database_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +71,27 @@ def serve(
     supervisor_pid: Annotated[
         int | None, typer.Option(hidden=True, help="The serve process supervising this one.")
     ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on; overrides THYROCAD_HOST.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="DICOM port; overrides THYROCAD_PORT.")] = None,
 ) -> None:
     """Run the DICOM listener (with --embedded: the whole pipeline)."""
     import os
     import signal
     import threading
 
+    from thyrocad.serve import check_ports_free
+
+    if port is not None and not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port: give 1 to 65535")
     s = settings()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:  # the processes serve starts read them from the environment it passes
+        s = State.settings = s.model_copy(update=overrides)
     if listener_index is None:
-        ensure_schema(s)
+        check_ports_free(s, embedded=embedded)
+        ensure_schema(s, service=True)
     if embedded:
         from thyrocad.embedded import Supervisor
 
@@ -110,6 +134,10 @@ def serve(
             health.stop()
 
 
+#: The Celery pools thyrocad's workers are made for (TensorFlow rules out green threads).
+WORKER_POOLS = ("prefork", "solo", "threads")
+
+
 @app.command()
 def worker(
     queues: Annotated[
@@ -120,11 +148,23 @@ def worker(
     name: str = "worker",
 ) -> None:
     """Run a Celery worker (any number, on any machine)."""
-    from worker.app import create_app
+    from worker.app import QUEUES, create_app
 
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(chosen) - set(QUEUES)) or ([] if chosen else ["(none)"])
+    if unknown:
+        raise UserError(
+            f"unknown queue {', '.join(unknown)}: --queues takes a comma-separated list of "
+            f"{', '.join(QUEUES)}"
+        )
+    if pool not in WORKER_POOLS:
+        raise UserError(f"unknown pool {pool!r}: --pool is one of {', '.join(WORKER_POOLS)}")
+    if concurrency < 1:
+        raise UserError("--concurrency is at least 1")
+    queues = ",".join(chosen)
     s = settings()
-    ensure_schema(s)
-    needs_model = {"inference", "training"} & set(queues.split(","))
+    ensure_schema(s, service=True)
+    needs_model = {"inference", "training"} & set(chosen)
     # TensorFlow writes to the raw stderr when imported: import it now, as log records.
     # (Not in a prefork parent: TensorFlow is not safe to carry across fork.)
     if s.log_json and needs_model and pool != "prefork":
@@ -166,7 +206,7 @@ def beat() -> None:
     from worker.app import create_app
 
     s = settings()
-    ensure_schema(s)
+    ensure_schema(s, service=True)
     from thyrocad.health import start_beat_health
 
     celery = create_app(s)
@@ -200,6 +240,8 @@ def send(
         files = list(iter_dicom_files(paths))
     except (ValueError, SendError) as exc:
         raise fail(str(exc)) from exc
+    if not 1 <= peer.port <= 65535:
+        raise UserError(f"--to {to}: {peer.port} is not a port, give HOST:PORT with 1 to 65535")
     with progress() as bar:
         task = bar.add_task(
             f"C-STORE → {peer.ae_title}@{peer.host}:{peer.port}", total=len(files), info=""
@@ -219,43 +261,110 @@ def send(
 def results(
     patient: Annotated[str | None, typer.Option(help="Patient ID.")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="One row per result: every class, model, revision, SR.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Latest study and patient results, with the Structured Reports sent for them."""
+    """Latest patient results, each followed by its studies (date, accession, Study UID)."""
     from db import repository
-    from thyrocad.commands.archive import report_dicts, report_status
+    from thyrocad.commands.archive import report_dicts
 
-    with sessions(settings())() as session:
+    s = settings()
+    with read_sessions(s)() as session:
         rows = repository.results(session, patient_key=patient, study_uid=study)
         sent = repository.sr_dispatches(session, [r.id for r in rows if r.level == "study"])
+        details = _study_details(session, [r.key for r in rows if r.level == "study"])
+    say_database(s)
     data = [_result_dict(r) for r in rows]
     for r in data:
         r["reports"] = report_dicts(sent.get(r["id"], [])) if r["level"] == "study" else []
+        r["study_date"], r["accession_number"] = details.get(r["key"], (None, None))
     if json_out:
         console.print_json(json.dumps(data, default=str))
-        return
+    elif not data:
+        console.print("no results yet" + (" for that patient or study" if patient or study else ""))
+    else:
+        # Never cut a UID: a narrow terminal wraps the line, it does not lose characters.
+        wider = Console(file=console.file, width=max(console.width, 1000 if wide else 100))
+        wider.print(_results_table(data, s.classes) if wide else _reader_table(data))
+
+
+def _study_details(session: Any, study_uids: list[str]) -> dict[str, tuple[Any, Any]]:
+    """Study date and accession number by Study Instance UID, from the result view."""
+    from sqlalchemy import bindparam, text
+
+    if not study_uids:
+        return {}
+    query = text(
+        "SELECT study_instance_uid, study_date, accession_number FROM study_results_latest "
+        "WHERE study_instance_uid IN :uids"
+    ).bindparams(bindparam("uids", expanding=True))
+    found = session.execute(query, {"uids": study_uids})
+    return {uid: (when, accession) for uid, when, accession in found}
+
+
+def _shown_probability(r: dict[str, Any]) -> str:
+    """The probability of the diagnosis shown (not of the positive class), or '-'."""
+    value = (r["probabilities"] or {}).get(r["label"])
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _study_line(r: dict[str, Any]) -> str:
+    when = str(r["study_date"]) if r["study_date"] else "no date"
+    accession = f"acc {r['accession_number']}" if r["accession_number"] else "no accession"
+    return f"  study {when}, {accession}\n  {r['key']}"
+
+
+def _reader_table(data: list[dict[str, Any]]) -> Table:
+    from rich import box
+
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="P: probability of the diagnosis shown; --wide for every class, --json for all",
+        caption_justify="left",
+    )
+    table.add_column("patient / study", no_wrap=True)
+    table.add_column("diagnosis", overflow="fold")
+    table.add_column("P", justify="right", no_wrap=True)
+    table.add_column("images", justify="right", no_wrap=True)
+    for r in data:
+        key = f"patient {r['key']}" if r["level"] == "patient" else _study_line(r)
+        table.add_row(key, r["label"], _shown_probability(r), str(r["image_count"]))
+    return table
+
+
+def _results_table(data: list[dict[str, Any]], classes: list[str]) -> Table:
+    from thyrocad.commands.archive import report_status
+
     table = Table(
         "level",
         "patient / study",
+        "study date",
+        "accession",
         "diagnosis",
-        "probability",
+        *(f"P({c})" for c in classes),
         "images",
         "revision",
         "model",
         "SR to PACS",
     )
     for r in data:
+        probabilities = r["probabilities"] or {}
         table.add_row(
             r["level"],
             r["key"],
+            str(r["study_date"] or ""),
+            r["accession_number"] or "",
             r["label"],
-            f"{r['probability']:.3f}",
+            *(f"{probabilities[c]:.3f}" if c in probabilities else "-" for c in classes),
             str(r["image_count"]),
             str(r["revision"]),
             r["model_version"],
             report_status(r["reports"]),
         )
-    console.print(table)
+    return table
 
 
 def _result_dict(r: Any) -> dict[str, Any]:
@@ -265,16 +374,17 @@ def _result_dict(r: Any) -> dict[str, Any]:
 
 
 @app.command()
-def status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Instances by state, queue depth, active model."""
     from db import repository
     from worker.app import create_app, queue_depths
 
     s = settings()
-    with sessions(s)() as session:
+    with read_sessions(s)() as session:
         counts = repository.instance_counts(session)
         rejected = repository.rejection_counts(session)
         active = repository.active_model(session)
+    say_database(s)
     try:
         depths = queue_depths(create_app(s))
     except Exception as exc:
@@ -284,6 +394,7 @@ def status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
         "rejections": rejected,
         "queues": depths,
         "active_model": active.version if active else None,
+        "database": database_name(s),
     }
     if json_out:
         console.print_json(json.dumps(data))

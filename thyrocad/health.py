@@ -24,6 +24,7 @@ that traffic is taken away from it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thyrocad import metrics
+from thyrocad.errors import PortInUse
 from thyrocad.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,6 +74,20 @@ class Readiness:
         self._sessions = make_session_factory(self._engine)
         self._app = metrics.probe_app(settings)
         self._loaded_versions = loaded_versions or (lambda: set())
+        self._failures: dict[str, str] = {}
+
+    def _log_failure(self, check: str, exc: BaseException | None) -> None:
+        """Log why a check fails, once per change: /readyz answers anyone who can reach
+        it, so the addresses in the reason go to the log only (psycopg and redis never
+        put a password in their messages)."""
+        reason = _short(exc) if exc is not None else ""
+        if self._failures.get(check, "") == reason:
+            return
+        self._failures[check] = reason
+        if reason:
+            logger.warning("readiness: %s unreachable", check, extra={"reason": reason})
+        else:
+            logger.info("readiness: %s reachable again", check)
 
     def database(self) -> Check:
         from sqlalchemy import text
@@ -80,7 +96,9 @@ class Readiness:
             with self._engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
-            return Check("database", False, _short(exc))
+            self._log_failure("database", exc)
+            return Check("database", False, "unreachable")
+        self._log_failure("database", None)
         return Check("database", True)
 
     def broker(self) -> Check:
@@ -92,7 +110,9 @@ class Readiness:
             with self._app.connection_for_read() as conn:
                 conn.default_channel  # noqa: B018 - connects (and fails fast) on access
         except Exception as exc:
-            return Check("broker", False, _short(exc))
+            self._log_failure("broker", exc)
+            return Check("broker", False, "unreachable")
+        self._log_failure("broker", None)
         return Check("broker", True)
 
     def spool(self, writable: bool) -> Check:
@@ -124,8 +144,8 @@ class Readiness:
         try:
             with self._sessions() as session:
                 active = repository.active_model(session)
-        except Exception as exc:
-            return Check("model", False, f"database: {_short(exc)}")
+        except Exception:  # the database check logs why
+            return Check("model", False, "database unreachable")
         if active is None:
             return Check("model", False, "no active model version")
         if not loaded:
@@ -236,7 +256,16 @@ def start_health_server(
         return None
     registry = metrics.scrape_registry(collectors)
     readiness = Readiness(settings, role, lambda: metrics.loaded_versions(registry))
-    return HealthServer(settings.metrics_host, settings.metrics_port, registry, readiness).start()
+    try:
+        server = HealthServer(settings.metrics_host, settings.metrics_port, registry, readiness)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUse(
+            f"port {settings.metrics_port} on {settings.metrics_host} is already in use: stop "
+            "the other process, or choose another port with THYROCAD_METRICS_PORT"
+        ) from exc
+    return server.start()
 
 
 def listener_collectors(settings: Settings, spool: Any) -> list[Collector]:

@@ -324,6 +324,32 @@ def test_readiness_spool_and_database_failures(tmp_path: Path) -> None:
         Readiness(s, "gateway")
 
 
+def test_readyz_names_no_database_or_broker_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = _settings(
+        tmp_path,
+        database_url="postgresql+psycopg2://thyro:s3cret@127.0.0.1:1/results",
+        celery_broker_url="redis://:s3cret@127.0.0.1:1/0",
+    )
+    server = HealthServer("127.0.0.1", 0, metrics.scrape_registry(), Readiness(s, "worker"))
+    server.start()
+    try:
+        with caplog.at_level("WARNING", logger="thyrocad.health"):
+            for _ in range(2):  # the reason is logged once, not at every probe
+                status, body = _get(f"http://127.0.0.1:{server.port}/readyz")
+    finally:
+        server.stop()
+    checks = json.loads(body)["checks"]
+    assert status == 503
+    assert checks["database"] == {"ok": False, "detail": "unreachable"}
+    assert checks["broker"] == {"ok": False, "detail": "unreachable"}
+    assert checks["model"] == {"ok": False, "detail": "database unreachable"}
+    assert "127.0.0.1" not in body and "s3cret" not in body
+    logged = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(logged) == 2 and all("s3cret" not in str(vars(r)) for r in logged)
+
+
 def test_inference_readiness_needs_the_model_loaded(tmp_path: Path) -> None:
     from db import repository
     from db.engine import make_engine, make_session_factory, upgrade

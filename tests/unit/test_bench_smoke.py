@@ -45,6 +45,7 @@ def test_bench_smoke(script: str, ratio_line: str, last_line: str) -> None:
         ("bench_study_latency.py", "ratio p95 latency / idle time,"),
         ("bench_memory.py", "ratio listener RSS after"),
         ("bench_association.py", "ratio instances/s, thyrocad / as shipped"),
+        ("bench_recovery.py", "ratio settle time, worst fault"),
     ],
 )
 def test_pipeline_bench_smoke(script: str, ratio_line: str) -> None:

@@ -51,7 +51,8 @@ def cli_command() -> list[str]:
 
 
 def process_commands() -> dict[str, list[str]]:
-    """The command line of each embedded process."""
+    """The command line of each embedded process (no Celery banners: one terminal shows
+    them all, and the pipeline's own start-up lines say what runs)."""
     cli = cli_command()
     return {
         "listener": [*cli, "serve"],
@@ -64,6 +65,7 @@ def process_commands() -> dict[str, list[str]]:
             "solo",
             "--name",
             "inference",
+            "--no-banner",
         ],
         "control": [
             *cli,
@@ -76,8 +78,9 @@ def process_commands() -> dict[str, list[str]]:
             "2",
             "--name",
             "control",
+            "--no-banner",
         ],
-        "beat": [*cli, "beat"],
+        "beat": [*cli, "beat", "--no-banner"],
     }
 
 

@@ -146,6 +146,7 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork, solo or threads")] = "prefork",
     concurrency: int = 1,
     name: str = "worker",
+    banner: Annotated[bool, typer.Option(help="Print Celery's start-up banner.")] = True,
 ) -> None:
     """Run a Celery worker (any number, on any machine)."""
     from worker.app import QUEUES, create_app
@@ -182,7 +183,7 @@ def worker(
     celery.worker_main(
         [
             # JSON logs stay one JSON object per line: no banner.
-            *(["--quiet"] if s.log_json else []),
+            *(["--quiet"] if s.log_json or not banner else []),
             "worker",
             "--queues",
             queues,
@@ -201,7 +202,9 @@ def worker(
 
 
 @app.command()
-def beat() -> None:
+def beat(
+    banner: Annotated[bool, typer.Option(help="Print Celery's start-up banner.")] = True,
+) -> None:
     """Run the scheduler (exactly one per deployment)."""
     from worker.app import create_app
 
@@ -214,7 +217,7 @@ def beat() -> None:
     start_beat_health(s)
     celery.start(
         [
-            *(["--quiet"] if s.log_json else []),
+            *(["--quiet"] if s.log_json or not banner else []),
             "beat",
             "--schedule",
             str(s.data_dir / "beat-schedule"),

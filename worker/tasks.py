@@ -73,6 +73,7 @@ def requeue_stale() -> int:
             now,
             ctx.settings.requeue_stale_seconds,
             lease_seconds=ctx.settings.claim_lease_seconds,
+            received_seconds=ctx.settings.requeue_interval_seconds,
         )
         if ids:
             repository.mark_queued(session, ids, now)

@@ -663,17 +663,25 @@ def instances_to_requeue(
     now: datetime | None = None,
     stale_seconds: float = 300.0,
     lease_seconds: float | None = None,
+    received_seconds: float | None = None,
 ) -> list[int]:
     """Ids the reconciler should queue again, oldest first.
 
     ``received``/``queued`` rows not updated for ``stale_seconds`` (their task
     was lost, e.g. the broker was down) and ``processing`` rows whose lease
     (``lease_seconds``, default ``stale_seconds``) ran out (their worker died).
+    ``received_seconds`` (default ``stale_seconds``) applies to ``received`` rows
+    instead: the listener marks a row ``queued`` milliseconds after registering it,
+    so one still ``received`` after a few seconds never got its task (the broker
+    was down) and need not wait as long as a ``queued`` row behind a backlog.
     """
     now = _now(now)
     stale_cutoff = now - timedelta(seconds=stale_seconds)
     lease_cutoff = now - timedelta(
         seconds=stale_seconds if lease_seconds is None else lease_seconds
+    )
+    received_cutoff = now - timedelta(
+        seconds=stale_seconds if received_seconds is None else received_seconds
     )
     return list(
         session.execute(
@@ -681,6 +689,7 @@ def instances_to_requeue(
             .where(
                 or_(
                     and_(Instance.state.in_(PENDING_STATES), Instance.updated_at < stale_cutoff),
+                    and_(Instance.state == "received", Instance.updated_at < received_cutoff),
                     and_(Instance.state == "processing", Instance.claimed_at < lease_cutoff),
                 )
             )

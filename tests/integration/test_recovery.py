@@ -232,6 +232,18 @@ def test_claims_are_renewed_and_given_back_by_their_worker(pg_url: str) -> None:
         assert len(ids) == 4
 
 
+def test_an_instance_never_queued_is_requeued_sooner(pg_url: str) -> None:
+    with migrated_engine(pg_url) as engine:
+        sessions = make_session_factory(engine)
+        lost, queued = register_all(sessions, [instance_rec("1.2.4.1"), instance_rec("1.2.4.2")])
+        with sessions.begin() as session:
+            repo.mark_queued(session, [queued], now=at(1))
+        with sessions() as session:
+            found = repo.instances_to_requeue(session, at(15), 120, 30, received_seconds=10)
+            assert found == [lost]  # its publish failed: no need to wait 120 s
+            assert repo.instances_to_requeue(session, at(200), 120, 30, 10) == [lost, queued]
+
+
 def test_a_study_whose_every_image_was_rejected_gets_a_result(pg_url: str) -> None:
     with migrated_engine(pg_url) as engine:
         sessions = make_session_factory(engine)

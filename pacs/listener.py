@@ -162,8 +162,8 @@ def make_ae(config: ListenerConfig) -> AE:
     # its logger, set to WARNING, then drops.
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=config.ae_title)
-    # Admission holds the real limit (established associations only); pynetdicom's own
-    # count includes connections that have not asked for an association yet.
+    # Admission holds the real limit (associations from their request on); pynetdicom's
+    # own count includes connections that have not asked for an association yet.
     ae.maximum_associations = 2**31 - 1
     ae.maximum_pdu_size = config.max_pdu_size
     # The A-ASSOCIATE-RQ wait, and the ARTIM timer, on the association's own threads.

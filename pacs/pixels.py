@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,8 +31,25 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from pacs.errors import PixelError
 
@@ -57,6 +75,44 @@ _MOSTLY = [255 if v >= 128 else 0 for v in range(256)]
 _CONTENT_OPENING = 5
 # A crop smaller than this in either direction is not believable: keep the whole image.
 _MIN_CROP = 8
+
+# JPEG (ISO 10918) and JPEG-LS streams: SOI ... EOI, with the image size in a SOF segment.
+_JPEG_SYNTAXES = (
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+# JPEG 2000 code streams end with EOC, which has the code of JPEG's EOI.
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
+_END_OF_IMAGE = b"\xff\xd9"
+# A JPEG 2000 code stream starts with SOC; a JP2 file with its signature box.
+_J2K_STARTS = (b"\xff\x4f", b"\x00\x00\x00\x0cjP  ")
+# SOF0-3, 5-7, 9-11, 13-15 (DHT, JPG and DAC share the range) and JPEG-LS's SOF55.
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+# For ISO 10918 JPEG, pylibjpeg (libjpeg) is strict where Pillow (libjpeg-turbo) only warns
+# and decodes garbage into an image: libjpeg's verdict that the data is corrupt is final.
+# Its other errors (a feature it lacks) still leave the other plugins to try.
+_STRICT_PLUGIN = "pylibjpeg"
+_STRICT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+_LIBJPEG_ERROR = re.compile(r"libjpeg error code '(-\d+)'")
+# Stream ran out of data, code block ran out of data, undelayed 0xFF, not a JPEG stream,
+# unique marker twice, misplaced marker segment.
+_LIBJPEG_DATA_ERRORS = frozenset({-1025, -1026, -1033, -1036, -1037, -1038})
+
+
+class _DropPluginTracebacks(logging.Filter):
+    """pydicom logs every failed decoding plugin with its traceback, then raises an error
+    naming them all, which becomes the instance's reason: a corrupt image sent by a
+    modality is not a programming error, so the tracebacks are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.funcName == "_decode_frame")
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DropPluginTracebacks())
 
 
 @dataclass(frozen=True)
@@ -419,17 +475,100 @@ def _native_length(ds: Dataset, rows: int, columns: int, n_frames: int) -> int:
 def _decode_frame(
     ds: Dataset, decoder: Any, index: int, n_frames: int, options: dict[str, Any]
 ) -> tuple[np.ndarray, str]:
-    """Decode one frame; returns the array and its photometric interpretation as decoded."""
+    """Decode one frame; returns the array and its photometric interpretation as decoded.
+
+    A compressed frame whose stream is visibly broken (cut short, another image size than
+    the header's) is refused before any decoder sees it, and for ISO 10918 JPEG a stream
+    libjpeg reports corrupt is not handed on to a more lenient decoder.
+    """
+    tsyntax = _transfer_syntax(ds)
+    prefix = f"cannot decode frame {index} of {n_frames} ({tsyntax.name})"
+    problem = _stream_problem(ds, tsyntax, index, n_frames)
+    if problem:
+        raise PixelError(f"{prefix}: {problem}")
     try:
-        frame, meta = decoder.as_array(ds, index=index, validate=True, **options)
+        frame, meta = _strict_as_array(ds, decoder, tsyntax, index, options)
     except Exception as exc:  # decoders raise anything from ValueError to their own types
-        tsyntax = _transfer_syntax(ds)
-        raise PixelError(
-            f"cannot decode frame {index} of {n_frames} ({tsyntax.name}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        raise PixelError(f"{prefix}: {type(exc).__name__}: {exc}") from exc
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation")))
     return frame, photometric
+
+
+def _strict_as_array(
+    ds: Dataset, decoder: Any, tsyntax: UID, index: int, options: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``decoder.as_array`` for one frame; for ISO 10918 JPEG libjpeg first, and only a
+    libjpeg failure that is not about the data lets the other plugins try."""
+    if tsyntax in _STRICT_SYNTAXES and _STRICT_PLUGIN in decoder.available_plugins:
+        try:
+            result: tuple[np.ndarray, dict[str, Any]] = decoder.as_array(
+                ds, index=index, validate=True, decoding_plugin=_STRICT_PLUGIN, **options
+            )
+            return result
+        except Exception as exc:
+            codes = {int(code) for code in _LIBJPEG_ERROR.findall(str(exc))}
+            if codes & _LIBJPEG_DATA_ERRORS:
+                raise
+    result = decoder.as_array(ds, index=index, validate=True, **options)
+    return result
+
+
+def _stream_problem(ds: Dataset, tsyntax: UID, index: int, n_frames: int) -> str | None:
+    """What is visibly wrong with a JPEG, JPEG-LS or JPEG 2000 frame's stream, or None.
+
+    A stream must start with its start marker and end with its end-of-image marker (EOC
+    in JPEG 2000), after at most padding bytes: decoders fill in what is missing of a
+    stream cut short without a word. A JPEG frame's size (its SOF segment) must be the
+    header's Rows and Columns.
+    """
+    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in _J2K_SYNTAXES:
+        return None
+    try:
+        stream = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+    except Exception:  # broken encapsulation: the decoder says it in its own words
+        return None
+    starts = _J2K_STARTS if tsyntax in _J2K_SYNTAXES else (b"\xff\xd8",)
+    if not stream.startswith(starts):
+        kind = "JPEG 2000" if tsyntax in _J2K_SYNTAXES else "JPEG"
+        return f"the compressed stream ({len(stream)} bytes) is not {kind} data: no start marker"
+    if not stream.rstrip(b"\x00\xff").endswith(_END_OF_IMAGE):
+        return (
+            f"the compressed stream ({len(stream)} bytes) ends without its end-of-image "
+            "marker: it was cut short"
+        )
+    if tsyntax in _JPEG_SYNTAXES:
+        size = _jpeg_frame_size(stream)
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if size is not None and size != (rows, columns) and size[0] != 0:
+            return (
+                f"the JPEG stream holds a {size[1]} x {size[0]} image but the header says "
+                f"{columns} x {rows} (Columns x Rows)"
+            )
+    return None
+
+
+def _jpeg_frame_size(stream: bytes) -> tuple[int, int] | None:
+    """(lines, samples per line) from a JPEG stream's SOF segment, or None without one."""
+    if not stream.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 4 <= len(stream):
+        if stream[i] != 0xFF:
+            return None
+        marker = stream[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(stream[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(stream):
+                return None
+            lines = int.from_bytes(stream[i + 5 : i + 7], "big")
+            return lines, int.from_bytes(stream[i + 7 : i + 9], "big")
+        if marker == 0xDA:  # start of scan: no SOF before it
+            return None
+        i += 2 + length
+    return None
 
 
 # --------------------------------------------------------------------------- to 8-bit grey

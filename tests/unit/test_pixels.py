@@ -14,11 +14,13 @@ import pytest
 from PIL import Image, ImageDraw
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
     UltrasoundImageStorage,
@@ -566,3 +568,94 @@ def test_corrupt_compressed_frame() -> None:
     with pytest.raises(PixelError) as caught:
         images_from_dataset(ds, 32)
     assert re.match(r"cannot decode frame 0 of 1 \(RLE Lossless\): \w+", caught.value.reason)
+
+
+# --------------------------------------------------------------------------- broken JPEG
+
+
+def _jpeg_dataset(stream: bytes, rows: int = 96, columns: int = 128, syntax: str = "") -> Dataset:
+    ds = _grey_dataset(np.zeros((rows, columns), np.uint8))
+    ds.file_meta.TransferSyntaxUID = syntax or JPEGBaseline8Bit
+    ds.PixelData = encapsulate([stream])
+    return ds
+
+
+def _baseline_jpeg(rows: int = 96, columns: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_speckle((rows, columns))).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _undecodable(ds: Dataset) -> str:
+    from thyrocad.metrics import reason_class
+
+    with pytest.raises(PixelError) as caught:
+        images_from_dataset(ds, 32)
+    reason = caught.value.reason
+    assert SPECIFIC_REASON.search(reason), reason
+    assert reason_class(reason) == "undecodable", reason
+    return reason
+
+
+def test_a_good_baseline_jpeg_decodes() -> None:
+    assert images_from_dataset(_jpeg_dataset(_baseline_jpeg()), 32)[0].pixels.std() > 5
+
+
+def test_jpeg_with_valid_markers_and_a_garbage_scan_is_undecodable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Pillow (libjpeg-turbo) decodes this into an image after a warning nobody sees;
+    # libjpeg reports it corrupt, and that is the answer.
+    good = _baseline_jpeg()
+    sos = good.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(good[sos + 2 : sos + 4], "big")
+    garbage = np.random.default_rng(7).bytes(len(good) - start - 2).replace(b"\xff", b"\x00")
+    with caplog.at_level("DEBUG"):
+        reason = _undecodable(_jpeg_dataset(good[:start] + garbage + b"\xff\xd9"))
+    assert reason.startswith("cannot decode frame 0 of 1 (JPEG Baseline (Process 1)): ")
+    assert "libjpeg error code" in reason
+    # pydicom's per-plugin tracebacks are not logged: the reason says it all.
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_jpeg_cut_short_is_undecodable(cut: float) -> None:
+    # libjpeg fills a stream without its end with grey and says nothing.
+    good = _baseline_jpeg()
+    reason = _undecodable(_jpeg_dataset(good[: int(len(good) * cut)]))
+    assert "ends without its end-of-image marker: it was cut short" in reason
+
+
+def test_jpeg_padding_after_the_end_marker_is_fine() -> None:
+    good = _baseline_jpeg()
+    for padding in (b"\x00", b"\xff", b"\x00\x00"):
+        images_from_dataset(_jpeg_dataset(good + padding), 32)
+
+
+def test_jpeg_of_another_size_than_the_header_is_undecodable() -> None:
+    reason = _undecodable(_jpeg_dataset(_baseline_jpeg(96, 128), rows=192, columns=256))
+    assert "holds a 128 x 96 image but the header says 256 x 192" in reason
+
+
+def test_random_bytes_in_a_jpeg_fragment_are_undecodable() -> None:
+    reason = _undecodable(_jpeg_dataset(np.random.default_rng(8).bytes(4000)))
+    assert "is not JPEG data" in reason
+
+
+def test_jpeg_2000_cut_short_is_undecodable() -> None:
+    ds = pydicom.dcmread(_real("US1_J2KR.dcm"))
+    stream = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([stream[: len(stream) // 2]])
+    reason = _undecodable(ds)
+    assert reason.startswith("cannot decode frame 0 of 1 (JPEG 2000 Image Compression")
+    assert "cut short" in reason
+
+
+def test_only_the_selected_frame_of_a_cine_is_checked() -> None:
+    good = _baseline_jpeg()
+    ds = _jpeg_dataset(good)
+    ds.NumberOfFrames = 3
+    ds.PixelData = encapsulate([good[:100], good, good[:100]])
+    assert images_from_dataset(ds, 32)[0].frame_index == 1  # the middle one is whole
+    with pytest.raises(PixelError, match="cannot decode frame 0 of 3"):
+        images_from_dataset(ds, 32, FramePolicy.parse("every:1:3"))

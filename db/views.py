@@ -19,7 +19,9 @@ VIEWS: dict[str, str] = {
     "study_results_latest": (
         "The latest revision of each study result: patient key and name, study UID, study "
         "date, accession number, diagnosis, probability, image count, model version, "
-        "aggregation rule, revision, created_at."
+        "aggregation rule, revision, created_at, reason. A study none of whose images "
+        "could be used has diagnosis and probability NULL, image count 0 and reason "
+        "'no usable images'; reason is NULL on every result with a diagnosis."
     ),
     "patient_results_latest": (
         "The latest revision of each patient result over all their studies: patient key and "

@@ -308,3 +308,35 @@ class ReportSource:
     model_architecture: str | None
     images: tuple[ReportImage, ...]
     previous_reports: tuple[str, ...] = ()
+
+
+#: What became of an audited action: done, refused by policy, or failed.
+AuditOutcome = Literal["success", "refused", "failure"]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audited action, to be recorded: who (``actor``: an AE title, an OS user, a
+    worker) did what (``kind``), when (``at``, UTC), how it ended, and plain details.
+
+    ``details`` must hold no patient name or id, nor a DICOM UID that leads to one:
+    counts, AE titles, addresses, versions and row ids only.
+    """
+
+    kind: str
+    actor: str
+    outcome: AuditOutcome = "success"
+    details: dict[str, Any] = field(default_factory=dict)
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditEventRecord:
+    """A recorded audit event (see :class:`AuditEvent`)."""
+
+    id: int
+    at: datetime
+    kind: str
+    actor: str
+    outcome: str
+    details: dict[str, Any]

@@ -56,6 +56,7 @@ INSTANCE_STATES: tuple[str, ...] = (
 MODEL_STATUSES: tuple[str, ...] = ("candidate", "active", "retired", "rejected")
 TRAINING_OUTCOMES: tuple[str, ...] = ("running", "promoted", "candidate", "failed")
 SR_DISPATCH_STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
+AUDIT_OUTCOMES: tuple[str, ...] = ("success", "refused", "failure")
 
 
 def patient_key_for(patient_id: str | None, study_instance_uid: str) -> str:
@@ -415,3 +416,27 @@ class SrDispatch(Base):
     dimse_status: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None]
     sent_at: Mapped[datetime | None]
+
+
+class AuditEventRow(Base):
+    """Who did what, when: one append-only row per audited action.
+
+    ``details`` holds counts, AE titles, addresses, versions and row ids, never a
+    patient's name or id (nor a DICOM UID that leads to one). The migration makes the
+    table refuse UPDATE, DELETE and TRUNCATE on PostgreSQL, and UPDATE and DELETE on
+    SQLite, whoever asks.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        CheckConstraint(_in_list("outcome", AUDIT_OUTCOMES), name="outcome"),
+        # Serves "thyrocad audit --kind K --since T".
+        Index("ix_audit_events_kind_at", "kind", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    kind: Mapped[str]
+    actor: Mapped[str]
+    outcome: Mapped[str]
+    details: Mapped[dict[str, Any]]

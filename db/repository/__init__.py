@@ -21,8 +21,9 @@ Concurrency, on both backends:
 
 The functions live in one module per concern — ``instances`` (receiving,
 queueing, claims, predictions, counts), ``finalisation`` (results),
-``model_versions``, ``labels`` (labels and hold-out) and ``archive`` (backfill
-and Structured Report dispatches) — and are imported from here:
+``model_versions``, ``labels`` (labels and hold-out), ``archive`` (backfill
+and Structured Report dispatches) and ``audit`` (the audit trail) — and are
+imported from here:
 ``from db import repository; repository.register_instance(...)``.
 """
 
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 from db.errors import RepositoryError
 from db.records import (
+    AuditEvent,
+    AuditEventRecord,
     BackfillItemRecord,
     ReportImage,
     ReportSource,
@@ -51,6 +54,13 @@ from db.repository.archive import (
     sr_dispatches,
     study_progress,
     upsert_backfill_item,
+)
+from db.repository.audit import (
+    AUDIT_KINDS,
+    audit_events,
+    default_actor,
+    record_audit_event,
+    record_audit_events,
 )
 from db.repository.finalisation import (
     has_no_usable_image,
@@ -93,6 +103,9 @@ from db.repository.model_versions import (
 )
 
 __all__ = [
+    "AUDIT_KINDS",
+    "AuditEvent",
+    "AuditEventRecord",
     "BACKFILL_STATES",
     "BackfillItemRecord",
     "PENDING_STATES",
@@ -104,9 +117,11 @@ __all__ = [
     "UNSETTLED_STATES",
     "active_model",
     "add_label",
+    "audit_events",
     "backfill_items",
     "claim_instances",
     "decide_holdout",
+    "default_actor",
     "has_no_usable_image",
     "instance_counts",
     "instances_to_requeue",
@@ -118,6 +133,8 @@ __all__ = [
     "mark_queued",
     "mark_rejected",
     "patient_predictions",
+    "record_audit_event",
+    "record_audit_events",
     "record_rejection",
     "register_instance",
     "register_instances",

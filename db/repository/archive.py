@@ -20,6 +20,7 @@ from db.records import (
     StudyProgress,
 )
 from db.repository._common import UNSETTLED_STATES, _insert, _no_sync, _now, _result_record
+from db.repository.audit import BACKFILL_RETRIEVE, SR_SENT, default_actor, record_audit_event
 from db.schema import (
     SR_DISPATCH_STATUSES,
     BackfillItem,
@@ -105,16 +106,19 @@ def set_backfill_state(
     received_count: int | None = None,
     expected_count: int | None = None,
     now: datetime | None = None,
+    actor: str | None = None,
 ) -> bool:
     """Move a backfill item to ``state`` with its ``reason`` (None clears it).
 
     ``requested_at``, ``received_count`` and ``expected_count`` change only
     when given. Returns whether the item exists. Raises ``RepositoryError``
-    for an unknown state.
+    for an unknown state. A ``requested_at`` (the study is asked for) is audited
+    (``backfill_retrieve``) as done by ``actor`` (default: this process's OS user).
     """
     if state not in BACKFILL_STATES:
         raise RepositoryError(f"unknown backfill state {state!r}")
-    values: dict[str, Any] = {"state": state, "reason": reason, "updated_at": _now(now)}
+    now = _now(now)
+    values: dict[str, Any] = {"state": state, "reason": reason, "updated_at": now}
     if requested_at is not None:
         values["requested_at"] = requested_at
     if received_count is not None:
@@ -130,7 +134,23 @@ def set_backfill_state(
         .values(**values)
         .execution_options(**_no_sync())
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    found = bool(result.rowcount)  # type: ignore[attr-defined]
+    if found and requested_at is not None:
+        item_id = session.execute(
+            select(BackfillItem.id).where(
+                BackfillItem.source_aet == source_aet,
+                BackfillItem.study_instance_uid == study_instance_uid,
+            )
+        ).scalar_one()
+        # The item's id, not the study's UID: the audit trail leads to no patient.
+        record_audit_event(
+            session,
+            BACKFILL_RETRIEVE,
+            actor=actor or default_actor(),
+            details={"source_aet": source_aet, "backfill_item_id": item_id, "state": state},
+            now=now,
+        )
+    return found
 
 
 def backfill_items(
@@ -222,12 +242,14 @@ def save_sr_dispatch(
     dimse_status: int | None = None,
     reason: str | None = None,
     sent_at: datetime | None = None,
+    actor: str | None = None,
 ) -> SrDispatchRecord:
     """Create or update the dispatch of a study result revision to a destination.
 
     One row per (study result, destination): concurrent callers serialise on
     the study result's row. Raises ``RepositoryError`` for an unknown status
-    or study result.
+    or study result. A dispatch saved as ``sent`` or ``failed`` is audited
+    (``sr_sent``) as done by ``actor`` (default: this process's OS user).
     """
     if status not in SR_DISPATCH_STATUSES:
         raise RepositoryError(f"unknown dispatch status {status!r}")
@@ -261,6 +283,20 @@ def save_sr_dispatch(
     row = session.execute(
         select(SrDispatch).where(SrDispatch.id == row_id).execution_options(populate_existing=True)
     ).scalar_one()
+    if status != "pending":
+        record_audit_event(
+            session,
+            SR_SENT,
+            actor=actor or default_actor(),
+            outcome="success" if status == "sent" else "failure",
+            details={
+                "sr_dispatch_id": row_id,
+                "study_result_id": study_result_id,
+                "destination": destination,
+                "dimse_status": dimse_status,
+                "reason": reason,
+            },
+        )
     return _dispatch_record(row)
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, aliased
 from db.errors import RepositoryError
 from db.records import LabelRecord
 from db.repository._common import _insert, _now
+from db.repository.audit import LABEL_WRITTEN, record_audit_event
 from db.schema import Holdout, Label, Patient, Study
 
 
@@ -35,7 +36,7 @@ def add_label(
     label is a new row: the latest wins, history is kept. With
     ``allowed_diagnoses`` (e.g. the active model's classes) any other name is
     refused. Raises ``RepositoryError`` for all of these and for an unknown
-    study or patient.
+    study or patient. The label is audited (``label_written``, by ``labelled_by``).
     """
     if (study_uid is None) == (patient_key is None):
         raise RepositoryError("give exactly one of a study UID and a patient key")
@@ -59,7 +60,8 @@ def add_label(
         if patient_id is None:
             # The key is a patient identifier: keep it out of a message that may be logged.
             raise RepositoryError("unknown patient: no patient is registered under that key")
-    return session.execute(
+    now = _now(now)
+    label_id: int = session.execute(
         insert(Label)
         .values(
             study_id=study_id,
@@ -68,10 +70,24 @@ def add_label(
             labelled_by=labelled_by,
             source=source,
             note=note,
-            created_at=_now(now),
+            created_at=now,
         )
         .returning(Label.id)
     ).scalar_one()
+    # The label's id, not its study or patient: the audit trail names no patient.
+    record_audit_event(
+        session,
+        LABEL_WRITTEN,
+        actor=labelled_by,
+        details={
+            "label_id": label_id,
+            "level": "study" if study_id is not None else "patient",
+            "diagnosis": diagnosis,
+            "source": source,
+        },
+        now=now,
+    )
+    return label_id
 
 
 def _label_query() -> tuple[Any, Any]:

@@ -12,6 +12,13 @@ from sqlalchemy.orm import Session
 from db.errors import RepositoryError
 from db.records import ModelVersionRecord
 from db.repository._common import _insert, _is_postgresql, _no_sync, _now
+from db.repository.audit import (
+    MODEL_PROMOTED,
+    MODEL_ROLLED_BACK,
+    MODEL_STATUS,
+    default_actor,
+    record_audit_event,
+)
 from db.schema import MODEL_STATUSES, ModelVersion
 
 
@@ -85,11 +92,18 @@ def upsert_model_version(
 
 
 def set_active_model(
-    session: Session, version: str, now: datetime | None = None
+    session: Session,
+    version: str,
+    now: datetime | None = None,
+    *,
+    actor: str | None = None,
+    rollback: bool = False,
 ) -> ModelVersionRecord:
     """Make ``version`` the one active model; the previous active one becomes ``retired``.
 
-    Raises ``RepositoryError`` for an unknown version. A no-op if already active.
+    Raises ``RepositoryError`` for an unknown version. A no-op if already active,
+    audited either way (``model_promoted``, or ``model_rolled_back`` with
+    ``rollback``) as done by ``actor`` (default: this process's OS user).
     """
     now = _now(now)
     if _is_postgresql(session):
@@ -97,6 +111,16 @@ def set_active_model(
         # instead of one failing on the one-active index.
         session.execute(text("LOCK TABLE model_versions IN SHARE ROW EXCLUSIVE MODE"))
     target = _model_row(session, version)
+    previous = session.execute(
+        select(ModelVersion.version).where(ModelVersion.status == "active")
+    ).scalar_one_or_none()
+    record_audit_event(
+        session,
+        MODEL_ROLLED_BACK if rollback else MODEL_PROMOTED,
+        actor=actor or default_actor(),
+        details={"version": version, "previous": previous, "changed": previous != version},
+        now=now,
+    )
     if target.status != "active":
         # Retire first: the partial unique index allows one active row at any moment.
         session.execute(
@@ -115,16 +139,28 @@ def set_active_model(
 
 
 def set_model_status(
-    session: Session, version: str, status: str, reason: str | None = None
+    session: Session,
+    version: str,
+    status: str,
+    reason: str | None = None,
+    *,
+    actor: str | None = None,
 ) -> ModelVersionRecord:
     """Set a version to ``candidate``, ``retired`` or ``rejected`` with a reason.
 
     Use ``set_active_model`` to activate. Raises ``RepositoryError`` for an
-    unknown version or status.
+    unknown version or status. Audited (``model_status``) as done by ``actor``
+    (default: this process's OS user).
     """
     if status not in MODEL_STATUSES or status == "active":
         raise RepositoryError(f"status must be one of candidate, retired, rejected; got {status!r}")
     _model_row(session, version)
+    record_audit_event(
+        session,
+        MODEL_STATUS,
+        actor=actor or default_actor(),
+        details={"version": version, "status": status, "reason": reason},
+    )
     session.execute(
         update(ModelVersion)
         .where(ModelVersion.version == version)

@@ -7,9 +7,11 @@ a real C-STORE client → results read back from the database.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from thyrocad.settings import Settings
@@ -48,6 +50,35 @@ def _wait_for_listener(s: Settings, deadline: float) -> None:
     raise TimeoutError("the listener did not start in time")
 
 
+def local_imagenet_weights(arch: str) -> Path | None:
+    """The Keras cache's ImageNet weights file of ``arch`` on this machine, if any
+    (where Keras itself looks: $KERAS_HOME/models or ~/.keras/models)."""
+    from models.architectures import get_spec
+
+    name = get_spec(arch).weights_file
+    homes = [os.environ.get("KERAS_HOME"), str(Path.home() / ".keras")]
+    for home in filter(None, homes):
+        candidate = Path(home) / "models" / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def choose_weights(weights: str, say: Callable[[str], None]) -> str:
+    """``auto``: ImageNet weights already on this machine, else a random base at once
+    (no download attempt); anything else is used as given."""
+    if weights != "auto":
+        return weights
+    if local_imagenet_weights("vgg19") is not None:
+        return "imagenet"
+    say(
+        "ImageNet weights are not installed here: training on a randomly initialised, "
+        "frozen VGG-19 base (--weights imagenet downloads them; see README, 'Offline "
+        "ImageNet weights')"
+    )
+    return "none"
+
+
 def _ensure_model(
     s: Settings,
     train: Callable[..., str],
@@ -55,6 +86,7 @@ def _ensure_model(
     input_size: int,
     epochs: int,
     say: Callable[[str], None],
+    weights: str = "auto",
 ) -> None:
     from db import repository
     from db.engine import make_engine, make_session_factory, upgrade
@@ -65,7 +97,6 @@ def _ensure_model(
         if repository.active_model(session) is not None:
             say("using the active model")
             return
-    from models.errors import WeightsNotAvailable
     from thyrocad.learning import load_dataset
     from thyrocad.synthetic import write_synthetic_set
 
@@ -82,18 +113,8 @@ def _ensure_model(
         "registry_dir": s.registry_dir,
         "source": str(train_dir),
     }
-    try:
-        version = train(
-            s, loaded.images, loaded.labels, loaded.patient_ids, weights="imagenet", **kwargs
-        )
-    except WeightsNotAvailable:
-        say(
-            "ImageNet weights are not installed here: training on a randomly initialised, "
-            "frozen VGG-19 base (see README, 'Offline ImageNet weights')"
-        )
-        version = train(
-            s, loaded.images, loaded.labels, loaded.patient_ids, weights="none", **kwargs
-        )
+    chosen = choose_weights(weights, say)
+    version = train(s, loaded.images, loaded.labels, loaded.patient_ids, weights=chosen, **kwargs)
     from thyrocad.learning import promote_version
 
     promote_version(s, version, s.registry_dir)
@@ -110,6 +131,7 @@ def run_demo(
     timeout: float,
     say: Callable[[str], None],
     train: Callable[..., str],
+    weights: str = "auto",
 ) -> list[DemoRow]:
     """Run the demo end to end and return one row per synthetic patient."""
     from db import repository
@@ -120,7 +142,7 @@ def run_demo(
 
     s = s.model_copy(update={"study_idle_seconds": min(s.study_idle_seconds, 3.0)})
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_model(s, train, train_patients, input_size, epochs, say)
+    _ensure_model(s, train, train_patients, input_size, epochs, say, weights)
     studies_dir = s.data_dir / "demo-studies"
     cohort = write_synthetic_set(studies_dir, patients, seed=2, size=input_size, id_prefix="DEM")
     deadline = time.monotonic() + timeout

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from thyrocad.commands.common import console, err, fail, note, progress, settings
 from thyrocad.errors import UserError
-from thyrocad.learning import promote_version
 from thyrocad.settings import Settings
 
 app = typer.Typer()
@@ -87,6 +86,8 @@ def train(
     except (ModelsError, ValueError) as exc:
         raise fail(str(exc)) from exc
     if promote:
+        from thyrocad.learning import promote_version
+
         promote_version(s, version, registry or s.registry_dir)
     console.print(version)
 
@@ -324,6 +325,7 @@ def models_show(version: str, registry: Annotated[Path | None, typer.Option()] =
 def models_promote(version: str, registry: Annotated[Path | None, typer.Option()] = None) -> None:
     """Make VERSION the active model for the pipeline (workers pick it up without restart)."""
     from models.errors import RegistryError
+    from thyrocad.learning import promote_version
 
     s = settings()
     try:

@@ -422,6 +422,13 @@ def demo(
     input_size: Annotated[int, typer.Option(help="Model input size for the quick model.")] = 128,
     epochs: int = 30,
     timeout: float = 600.0,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Base weights of the quick model: auto (ImageNet if installed here, else "
+            "none, with no download), imagenet (downloads if needed), none, or a file."
+        ),
+    ] = "auto",
 ) -> None:
     """Synthetic studies → quick model → embedded pipeline → C-STORE → per-patient table."""
     from thyrocad.commands.models import train_and_register
@@ -437,6 +444,7 @@ def demo(
             timeout=timeout,
             say=err.print,
             train=train_and_register,
+            weights=weights,
         )
     except (TimeoutError, RuntimeError) as exc:
         raise fail(str(exc)) from exc

@@ -30,6 +30,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -94,10 +95,46 @@ def tune_association(event: Any, limits: TransportLimits | None = None) -> None:
         logger.debug("could not tune the association's socket")
         return
     _PYNETDICOM_LOG.install()
-    reader = PduReader(transport, assoc, limits or TransportLimits())
+    limits = limits or TransportLimits()
+    reader = PduReader(transport, assoc, limits)
     transport.recv = reader
     _wait_instead_of_polling(assoc)
     _stop_waiting_when_closed(assoc, reader)
+    if isinstance(transport.socket, ssl.SSLSocket):
+        _tls_handshake(transport.socket, assoc, reader, limits)
+
+
+# OpenSSL's reasons for the failures an operator meets, in words.
+_HANDSHAKE_FAILURES = {
+    "WRONG_VERSION_NUMBER": "not TLS (a plain DICOM client on the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate (THYROCAD_TLS_CA is set)",
+    "CERTIFICATE_VERIFY_FAILED": "the client's certificate is not signed by THYROCAD_TLS_CA",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate's CA",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection",
+    "TimeoutError": "no handshake within the ARTIM timeout",
+}
+
+
+def _tls_handshake(
+    sock: ssl.SSLSocket, assoc: Any, reader: PduReader, limits: TransportLimits
+) -> None:
+    """The server's TLS handshake, on the connection's own thread and within ARTIM; a
+    client that fails it (no or an untrusted certificate, plain TCP) is logged once and
+    its connection ends as a closed one."""
+    try:
+        sock.settimeout(limits.artim_timeout)
+        sock.do_handshake()
+    except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError included
+        reader.closed = True
+        reason = str(getattr(exc, "reason", None) or type(exc).__name__)
+        logger.warning(
+            "TLS handshake failed: %s",
+            _HANDSHAKE_FAILURES.get(reason, reason),
+            extra={"address": peer(assoc)["address"], "tls_reason": reason},
+        )
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def recv_exactly(transport: Any, nr_bytes: int, deadline: float | None = None) -> bytearray:
@@ -405,8 +442,10 @@ def _wait_instead_of_polling(assoc: Any) -> None:
                 select.select([doorbell], [], [], _MAX_WAIT)
             doorbell.clear()
             return False
-        if dul.to_provider_queue.empty() and not dul._kill_thread:
-            sock = getattr(dul.socket, "socket", None)
+        sock = getattr(dul.socket, "socket", None)
+        # TLS keeps decrypted bytes that select cannot see.
+        buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        if dul.to_provider_queue.empty() and not dul._kill_thread and not buffered:
             waitables: list[Any] = [doorbell] if sock is None else [sock, doorbell]
             # A socket closed under us is reported by pynetdicom's own check.
             with contextlib.suppress(OSError, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class ListenerConfig:
     # Several listener processes share the port (SO_REUSEPORT): the kernel spreads new
     # connections over them, so decoding runs on more than one core.
     share_port: bool = False
+    # With a context, every connection is TLS (pacs.tls.server_context); plain TCP fails.
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
 
 class _ListenerServer(ThreadedAssociationServer):
@@ -104,6 +107,22 @@ class _ListenerServer(ThreadedAssociationServer):
             assert self.socket is not None  # made by TCPServer before it binds
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # pynetdicom runs the TLS handshake here, on the one thread that accepts every
+        # connection: a client that never finishes it would stop all intake. The handshake
+        # runs on the connection's own thread instead, within ARTIM (pacs.association_io).
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            try:
+                client = self.ssl_context.wrap_socket(
+                    client, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ValueError):
+                client.close()
+                raise
+        return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self._admission.connection_allowed(len(self.active_associations), client_address)
@@ -197,6 +216,7 @@ def start_listener(
     server = ae.make_server(
         (config.host, config.port),
         evt_handlers=handlers,
+        ssl_context=config.tls,
         server_class=_ListenerServer,
         admission=admission,
         share_port=config.share_port,
@@ -205,7 +225,13 @@ def start_listener(
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name="thyrocad-acceptor", daemon=True).start()
     logger.info(
-        "listening",
-        extra={"ae_title": config.ae_title, "host": config.host, "port": config.port},
+        "listening%s",
+        " (TLS)" if config.tls else "",
+        extra={
+            "ae_title": config.ae_title,
+            "host": config.host,
+            "port": config.port,
+            "tls": config.tls is not None,
+        },
     )
     return server

@@ -6,10 +6,11 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery
@@ -19,6 +20,7 @@ from db.engine import make_engine, make_session_factory
 from pacs.intake import Intake, Observer, reconcile_spool
 from pacs.listener import ListenerConfig, start_listener
 from pacs.spool import Spool
+from pacs.tls import TlsConfig, server_context
 from thyrocad import metrics
 from thyrocad.errors import PortInUse
 from thyrocad.settings import Settings
@@ -82,13 +84,14 @@ class ListenerService:
     sessions: sessionmaker[Session]
     intake: Intake
     publish: Callable[[list[int]], None]
-    server: object
+    servers: list[Any]  # the listening port, and a plaintext one beside TLS if opened
     _stop: threading.Event
     _reconciler: threading.Thread
 
     def stop(self) -> None:
         self._stop.set()
-        self.server.shutdown()  # type: ignore[attr-defined]
+        for server in self.servers:
+            server.shutdown()
         self.intake.stop()
         if self._reconciler.is_alive():  # only the first of several listeners runs one
             self._reconciler.join(5)
@@ -148,22 +151,35 @@ def start_service(
         network_timeout=settings.network_timeout_seconds,
         require_called_aet=settings.require_called_aet,
         share_port=index is not None,
+        tls=listener_tls(settings),
     )
-    server = start_listener(config, spool, intake)
+    servers = [start_listener(config, spool, intake)]
+    if config.tls is not None and settings.tls_also_plain_port:
+        # Opened on purpose: a modality that cannot do TLS, on a port of its own.
+        plain = replace(config, port=settings.tls_also_plain_port, tls=None)
+        servers.append(start_listener(plain, spool, intake))
     if observer is not None:
         threading.Thread(
             target=_count_associations,
-            args=(server, observer, stop),
+            args=(servers, observer, stop),
             name="thyrocad-associations",
             daemon=True,
         ).start()
-    return ListenerService(settings, spool, sessions, intake, publish, server, stop, reconciler)
+    return ListenerService(settings, spool, sessions, intake, publish, servers, stop, reconciler)
 
 
-def _count_associations(server: Any, observer: Observer, stop: threading.Event) -> None:
+def listener_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's TLS context when THYROCAD_TLS_CERT and _KEY are set."""
+    if settings.tls_cert is None:
+        return None
+    return server_context(TlsConfig(settings.tls_cert, settings.tls_key, settings.tls_ca))
+
+
+def _count_associations(servers: list[Any], observer: Observer, stop: threading.Event) -> None:
     """Report the open associations every second (a gauge each listener process sets)."""
     while not stop.wait(1.0):
-        observer("associations_open", {"count": len(server.active_associations)})
+        count = sum(len(server.active_associations) for server in servers)
+        observer("associations_open", {"count": count})
 
 
 def run_listener_processes(settings: Settings) -> int:

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     retrieve_timeout_seconds: float = 300.0  # an archive silent this long fails that request
     backfill_wait_seconds: float = 3600.0  # how long a backfill waits for arrival/classification
 
+    # DICOM over TLS: our certificate and key (PEM); with a CA, client certificates are
+    # required and verified, and it is the trust anchor for the peers we connect to.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_also_plain_port: int = Field(default=0, ge=0, le=65535)  # 0: TLS only
+    sr_tls: bool = False  # send Structured Reports to THYROCAD_SR_DESTINATION over TLS
+
     # Metrics
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 disables the metrics endpoint
     metrics_host: str = "0.0.0.0"
@@ -115,6 +123,14 @@ class Settings(BaseSettings):
         if value and not re.fullmatch(r"[^@\s]{1,16}@[^:@\s]*:\d{1,5}", value):
             raise ValueError("THYROCAD_SR_DESTINATION must look like AET@HOST:PORT")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("THYROCAD_TLS_CERT and THYROCAD_TLS_KEY are set together")
+        if self.tls_also_plain_port and self.tls_cert is None:
+            raise ValueError("THYROCAD_TLS_ALSO_PLAIN_PORT needs THYROCAD_TLS_CERT and _KEY")
+        return self
 
     @model_validator(mode="after")
     def _check_classes(self) -> Settings:

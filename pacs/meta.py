@@ -142,15 +142,34 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+        samples = 2  # Y Y Cb Cr for every two pixels
     total_bits = rows * cols * samples * bits * frames
     return (total_bits + 7) // 8
+
+
+def pixel_length_problem(expected: int, got: int) -> str | None:
+    """Why native pixel data of ``got`` bytes cannot be an image of ``expected`` bytes.
+
+    Shorter is truncated; longer is a header that does not describe the data (it would be
+    read from its first bytes), except the one byte that pads an odd length to even.
+    """
+    if got < expected:
+        return f"truncated pixel data: expected {expected} bytes, got {got}"
+    if got > expected + (expected % 2):
+        return (
+            f"pixel data longer than Rows/Columns, samples, bits and frames say: "
+            f"expected {expected} bytes, got {got}"
+        )
+    return None
 
 
 def describe(ds: Dataset, transfer_syntax_uid: str | None = None) -> InstanceMeta:
     """Validate a dataset's header and return its :class:`InstanceMeta`.
 
     Checks: the UIDs thyrocad keys on, a supported SOP class, present pixel data,
-    and for native encodings a pixel data length that matches the header.
+    and for native encodings a pixel data length that matches the header (neither
+    shorter nor longer, but for the padding byte of an odd length).
     """
     sop_class = _require_uid(ds, "SOPClassUID")
     if sop_class not in ULTRASOUND_SOP_CLASSES:
@@ -170,12 +189,9 @@ def describe(ds: Dataset, transfer_syntax_uid: str | None = None) -> InstanceMet
         raise InvalidInstance("missing Rows/Columns", STATUS_DATASET_MISMATCH) from exc
     if syntax and not UID(syntax).is_compressed:
         expected = expected_pixel_bytes(ds)
-        got = len(ds.PixelData)
-        if expected is not None and got < expected:
-            raise InvalidInstance(
-                f"truncated pixel data: expected {expected} bytes, got {got}",
-                STATUS_DATASET_MISMATCH,
-            )
+        problem = None if expected is None else pixel_length_problem(expected, len(ds.PixelData))
+        if problem:
+            raise InvalidInstance(problem, STATUS_DATASET_MISMATCH)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):

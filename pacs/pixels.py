@@ -439,6 +439,11 @@ def _check_decodable(ds: Dataset) -> tuple[Any, int]:
         actual = len(ds.PixelData)
         if actual < expected:
             raise PixelError(f"truncated pixel data: expected {expected} bytes, got {actual}")
+        if actual > expected + (expected % 2):  # more than the padding of an odd length
+            raise PixelError(
+                "pixel data longer than Rows/Columns, samples, bits and frames say: "
+                f"expected {expected} bytes, got {actual}"
+            )
     return decoder, n_frames
 
 

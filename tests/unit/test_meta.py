@@ -54,6 +54,13 @@ def test_valid_header_becomes_plain_data() -> None:
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "not an ultrasound", 0x0122),
         ({"PixelData": None}, "no pixel data", 0xA900),
         ({"PixelData": bytes(7)}, "truncated pixel data: expected 20 bytes, got 7", 0xA900),
+        ({"PixelData": bytes(22)}, "pixel data longer than Rows/Columns", 0xA900),
+        (
+            {"Rows": 2},
+            "longer than Rows/Columns, samples, bits and frames say: expected 10",
+            0xA900,
+        ),
+        ({"NumberOfFrames": 2}, "truncated pixel data: expected 40 bytes, got 20", 0xA900),
     ],
 )
 def test_refusals_carry_reason_and_status(overrides: dict, reason: str, status: int) -> None:
@@ -82,3 +89,24 @@ def test_every_accepted_sop_class_is_handled_by_the_storage_service() -> None:
     for uid in ULTRASOUND_SOP_CLASSES:
         assert uid_to_service_class(uid) is StorageServiceClass, uid
     assert register_storage_classes() == [], "a second call registers nothing"
+
+
+@pytest.mark.parametrize(("rows", "columns", "length", "ok"), [(3, 5, 16, True), (3, 5, 18, False)])
+def test_only_the_padding_byte_of_an_odd_length_may_follow_the_pixels(
+    rows: int, columns: int, length: int, ok: bool
+) -> None:
+    ds = make(Rows=rows, Columns=columns, PixelData=bytes(length))
+    if ok:
+        assert describe(ds).rows == rows
+    else:
+        with pytest.raises(InvalidInstance, match="expected 15 bytes, got 18"):
+            describe(ds)
+
+
+def test_native_ybr_full_422_holds_two_samples_per_pixel() -> None:
+    ds = make(SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422", PixelData=bytes(40))
+    assert describe(ds).columns == 5
+    with pytest.raises(InvalidInstance, match="expected 40 bytes, got 60"):
+        describe(
+            make(SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422", PixelData=bytes(60))
+        )

@@ -510,6 +510,27 @@ def test_truncated_pixel_data() -> None:
     assert caught.value.reason == "truncated pixel data: expected 6000 bytes, got 3000"
 
 
+@pytest.mark.parametrize(("extra", "ok"), [(0, True), (1, False), (2, False), (3000, False)])
+def test_pixel_data_longer_than_the_header_says(extra: int, ok: bool) -> None:
+    ds = _grey_dataset(_speckle((60, 100)))
+    ds.PixelData = ds.PixelData + bytes(extra)
+    if ok:
+        images_from_dataset(ds, 32)
+        return
+    with pytest.raises(PixelError) as caught:
+        images_from_dataset(ds, 32)
+    assert caught.value.reason == (
+        "pixel data longer than Rows/Columns, samples, bits and frames say: "
+        f"expected 6000 bytes, got {6000 + extra}"
+    )
+
+
+def test_the_padding_byte_of_an_odd_length_is_fine() -> None:
+    ds = _grey_dataset(_speckle((15, 21)))
+    ds.PixelData = ds.PixelData + b"\x00"
+    assert images_from_dataset(ds, 32)[0].pixels.shape == (32, 32)
+
+
 def test_no_pixel_data() -> None:
     ds = _grey_dataset(_speckle((10, 10)))
     del ds.PixelData

@@ -45,4 +45,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
+# pynetdicom installs its own storescu, findscu, echoscu… into .venv/bin: with the venv
+# activated they shadow dcmtk's tools of the same names, which take other options.
+if command -v /usr/bin/storescu >/dev/null 2>&1; then
+  echo "setup: note: .venv/bin/storescu (and findscu, echoscu…) are pynetdicom's; dcmtk's are /usr/bin/storescu…"
+fi
 echo "setup: ready (.venv)"

@@ -96,7 +96,8 @@ def train_and_register(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Trained:
     """Train (patient split), evaluate the held-out patients, save a registry version."""
-    from models.evaluation import evaluate, report_to_json
+    from models.evaluation import evaluate
+    from models.evaluation_report import report_to_json
     from models.registry import Registry
     from models.training import TrainConfig
     from models.training import train as train_model

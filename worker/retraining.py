@@ -318,7 +318,8 @@ def _train_and_compare(
 ) -> tuple[str, dict[str, Any], Decision, dict[str, Any]]:
     """Train, save, evaluate both models. Returns (version, metrics, decision, extra params)."""
     from models.errors import ModelsError
-    from models.evaluation import evaluate, report_to_json
+    from models.evaluation import evaluate
+    from models.evaluation_report import report_to_json
     from models.registry import Registry
     from thyrocad.learning import train_and_register
     from worker.model_holder import load_version

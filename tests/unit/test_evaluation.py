@@ -7,16 +7,10 @@ import pytest
 from sklearn import metrics as skm
 
 from models.errors import EvaluationError
-from models.evaluation import (
-    EvaluationReport,
-    _Level,
-    _weighted_metrics,
-    evaluate,
-    read_predictions_csv,
-    report_to_json,
-    write_predictions_csv,
-    write_report,
-)
+from models.evaluation import EvaluationReport, evaluate
+from models.evaluation_report import report_to_json, write_report
+from models.predictions_csv import read_predictions_csv, write_predictions_csv
+from models.scoring import Level, weighted_metrics
 
 CLASSES = ("autoimmune", "normal")
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
@@ -136,20 +130,20 @@ def test_weighted_resample_equals_sklearn_on_the_explicit_resample():
     labels, probs, _ = make_predictions(6, n_patients=12, ties=True)
     true = np.array([CLASSES.index(x) for x in labels])
     predicted = np.where(probs[:, 0] >= 0.5, 0, 1)
-    level = _Level(true, predicted, probs, 0)
+    level = Level(true, predicted, probs, 0)
     rng = np.random.default_rng(0)
     for _ in range(5):
         draw = rng.integers(0, len(labels), len(labels))
         weights = np.bincount(draw, minlength=len(labels))[None, :]
-        got = _weighted_metrics(level, weights)
+        got = weighted_metrics(level, weights)
         expected = sklearn_metrics([labels[i] for i in draw], probs[draw, 0], "autoimmune", 0.5)
         for name in METRICS:
             assert got[name][0] == pytest.approx(expected[name], abs=1e-12), name
 
 
 def test_resample_with_one_class_is_skipped():
-    level = _Level(np.array([0, 1]), np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]), 0)
-    got = _weighted_metrics(level, np.array([[2, 0], [1, 1]]))
+    level = Level(np.array([0, 1]), np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]), 0)
+    got = weighted_metrics(level, np.array([[2, 0], [1, 1]]))
     for name in METRICS:
         assert np.isnan(got[name][0]) and not np.isnan(got[name][1])
 

@@ -221,14 +221,9 @@ def evaluate(
 ) -> None:
     """Image- and patient-level metrics with 95 % bootstrap intervals."""
     from models.errors import ModelsError
-    from models.evaluation import (
-        evaluate as run_eval,
-    )
-    from models.evaluation import (
-        read_predictions_csv,
-        report_to_json,
-        write_report,
-    )
+    from models.evaluation import evaluate as run_eval
+    from models.evaluation_report import report_to_json, write_report
+    from models.predictions_csv import read_predictions_csv
 
     s = settings()
     try:

@@ -21,12 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
+from db.records import AuditOutcome
 from db.repository import StudyProgress
+from db.repository.audit import BACKFILL_FINISHED, BACKFILL_STARTED
 from pacs.archive import ArchiveClient, FoundStudy, RateLimiter, RetrieveOutcome, StudyFilter
 from pacs.listener import Intake
 from pacs.spool import Spool
@@ -181,13 +184,36 @@ class Backfill:
         self._report()
         if self.options.dry_run:
             return self._result()
+        self._audit(BACKFILL_STARTED, "success", {"found": len(found), "to_retrieve": len(todo)})
         try:
             self._retrieve_all(todo)
             self._follow()
         except BaseException:
             self.stop()  # Ctrl-C: abort what is in flight; rows stay for the next run
+            self._audit(BACKFILL_FINISHED, "failure", {**asdict(self._counts()), "stopped": True})
             raise
-        return self._result()
+        report = self._result()
+        self._audit(
+            BACKFILL_FINISHED,
+            "success" if report.ok else "failure",
+            {
+                **asdict(report.counts),
+                "interrupted": report.interrupted,
+                "timed_out": report.timed_out,
+            },
+        )
+        return report
+
+    def _audit(self, kind: str, outcome: AuditOutcome, details: dict[str, Any]) -> None:
+        """Record the run's start or end (counts only: no study or patient named)."""
+        with self.sessions.begin() as session:
+            repository.record_audit_event(
+                session,
+                kind,
+                actor=repository.default_actor(),
+                outcome=outcome,
+                details={"source_aet": self.source, **details},
+            )
 
     def _settle_known(self, study: FoundStudy, progress: dict[str, StudyProgress]) -> bool:
         """Decide from the database alone; True when the study needs no retrieve."""

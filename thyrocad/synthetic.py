@@ -36,8 +36,14 @@ def write_synthetic_set(
     classes: tuple[str, str] = ("autoimmune", "normal"),
     autoimmune_fraction: float = 0.5,
     id_prefix: str = "SYN",
+    patient_name: str | None = None,
 ) -> list[SyntheticPatient]:
-    """Write ``patients`` synthetic patients, one 5-image study each; deterministic in ``seed``."""
+    """Write ``patients`` synthetic patients, one 5-image study each; deterministic in ``seed``.
+
+    Patient IDs are ``id_prefix`` + seed + index; names ``SYNTHETIC^<id>`` unless
+    ``patient_name`` gives every patient that one (a test looking for leaks wants a
+    name found nowhere else).
+    """
     if fmt not in ("dicom", "png"):
         raise ValueError("format must be 'dicom' or 'png'")
     rng = np.random.default_rng(seed)
@@ -54,7 +60,7 @@ def write_synthetic_set(
         study_uid = uid_from(f"thyrocad-synth/{seed}/{index}/study")
         series_uid = uid_from(f"thyrocad-synth/{seed}/{index}/series")
         date = base_date + dt.timedelta(days=index)
-        patient = PatientInfo(patient_id=pid, patient_name=f"SYNTHETIC^{pid}")
+        patient = PatientInfo(patient_id=pid, patient_name=patient_name or f"SYNTHETIC^{pid}")
         study = StudyInfo(
             study_instance_uid=study_uid,
             study_date=date.strftime("%Y%m%d"),

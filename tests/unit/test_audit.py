@@ -264,3 +264,27 @@ def test_syslog_targets() -> None:
     for bad in ("tcp://siem:514", "siem:514", "udp://"):
         with pytest.raises(ValueError, match="audit syslog"):
             parse_target(bad)
+
+
+def test_a_backfill_run_is_audited_from_start_to_end(sessions: sessionmaker[Session]) -> None:
+    from tests.unit.test_backfill import ScriptedArchive, found
+    from tests.unit.test_backfill import run as backfill
+
+    archive = ScriptedArchive(sessions, [found(1), found(2)])
+    archive.script[found(2).study_instance_uid] = "fail"
+    _, report = backfill(archive, sessions)
+    assert report.counts.failed == 1
+    with sessions() as session:
+        events = [e for e in repo.audit_events(session) if e.kind.startswith("backfill")]
+    assert [e.kind for e in events] == [
+        "backfill_started",
+        "backfill_retrieve",
+        "backfill_retrieve",
+        "backfill_finished",
+    ]
+    started, finished = events[0], events[-1]
+    assert started.details == {"source_aet": "ARCH", "found": 2, "to_retrieve": 2}
+    assert finished.outcome == "failure"
+    assert (finished.details["requested"], finished.details["failed"]) == (2, 1)
+    assert finished.details["interrupted"] is False
+    assert not any(s.study_instance_uid in repr(events) for s in archive.studies)

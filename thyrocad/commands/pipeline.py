@@ -38,7 +38,7 @@ def db_upgrade(revision: str = "head") -> None:
     s = settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(s.db_url, revision)
-    console.print("database at", revision)
+    console.print(f"database {database_name(s)} at {revision}")
 
 
 @db_app.command("reader-role")

@@ -39,6 +39,7 @@ from pacs.admission import Admission
 from pacs.association_io import TransportLimits, tune_association
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import (
+    STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     ULTRASOUND_SOP_CLASSES,
@@ -150,11 +151,14 @@ def _calling_aet(event: Any) -> str:
 def handle_store(event: Any, spool: Spool, intake: Intake) -> int:
     """EVT_C_STORE: validate the header, spool the bytes, return the DIMSE status."""
     calling = _calling_aet(event)
-    sop_uid: str | None = None
+    # The C-STORE request names the instance even when its data set does not (or is not
+    # DICOM at all): a rejection then still says which instance it was.
+    requested = str(getattr(event.request, "AffectedSOPInstanceUID", None) or "").strip()
+    sop_uid: str | None = requested or None
     try:
         data = event.encoded_dataset(include_meta=True)
         ds = read_dataset(data)
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "") or None
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip() or sop_uid
         meta = describe(ds, str(event.context.transfer_syntax))
         entry = spool.write(meta.sop_instance_uid, data)
     except InvalidInstance as exc:
@@ -165,6 +169,16 @@ def handle_store(event: Any, spool: Spool, intake: Intake) -> int:
         logger.error("spool write failed: %s", exc, extra={"sop_instance_uid": sop_uid})
         intake.rejected(sop_uid, calling, str(exc), STATUS_OUT_OF_RESOURCES)
         return STATUS_OUT_OF_RESOURCES
+    except Exception as exc:  # a data set no check foresaw: refused, with its reason
+        # The exception's text may quote header values (patient data): only where it was.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
+        reason = f"cannot process the data set: {type(exc).__name__} in {where}"
+        logger.error("instance refused: %s", reason, extra={"sop_instance_uid": sop_uid})
+        intake.rejected(sop_uid, calling, reason, STATUS_CANNOT_UNDERSTAND)
+        return STATUS_CANNOT_UNDERSTAND
     intake.accepted(meta, entry, calling)
     return STATUS_SUCCESS
 

@@ -13,9 +13,15 @@ import struct
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
+from pydicom.values import convert_value
 
 from pacs.errors import InvalidInstance
 
@@ -106,8 +112,8 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def _date(value: object) -> dt.date | None:
-    text = str(value or "").strip()
+def _date(ds: Dataset, keyword: str) -> dt.date | None:
+    text = _text(ds, keyword)
     if len(text) != 8 or not text.isdigit():
         return None
     try:
@@ -116,12 +122,34 @@ def _date(value: object) -> dt.date | None:
         return None
 
 
+def _value(ds: Dataset, keyword: str) -> object:
+    """An element's value, or None. One received as VR UN (explicit VR from a peer that
+    did not know its VR) is read as its dictionary VR: pydicom does that itself only for
+    values shorter than 64 KB, and leaves the rest as bytes."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds[tag]
+    value = elem.value
+    if elem.VR == VR.UN and isinstance(value, bytes):
+        vr = dictionary_VR(tag)
+        little = ds.original_encoding[1] is not False
+        raw = RawDataElement(Tag(tag), vr, len(value), value, 0, False, little)
+        value = convert_value(vr, raw, ds._character_set)
+    return value
+
+
 def _text(ds: Dataset, keyword: str) -> str:
+    """An element as text: stripped, values of a multi-valued one joined by backslashes."""
     try:
-        value = ds.get(keyword, "")
+        value = _value(ds, keyword)
     except Exception:  # a malformed element must not stop us: it is only metadata
         return ""
-    return str(value or "").strip()
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    elif isinstance(value, bytes):  # not a text VR: no text to keep
+        return ""
+    return str(value if value is not None else "").strip(" \x00")
 
 
 def _require_uid(ds: Dataset, keyword: str) -> str:
@@ -204,9 +232,9 @@ def describe(ds: Dataset, transfer_syntax_uid: str | None = None) -> InstanceMet
         series_instance_uid=series_uid,
         patient_key=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_date(ds.get("PatientBirthDate")),
+        patient_birth_date=_date(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex") or None,
-        study_date=_date(ds.get("StudyDate")),
+        study_date=_date(ds, "StudyDate"),
         accession_number=_text(ds, "AccessionNumber"),
         study_description=_text(ds, "StudyDescription"),
         series_description=_text(ds, "SeriesDescription"),

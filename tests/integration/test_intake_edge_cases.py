@@ -587,24 +587,7 @@ def test_the_case_list_is_complete(site: Site) -> None:
     assert sorted(site.cases) == sorted(_case_names())
 
 
-# Cases this module was written to show broken; each fix removes its entry.
-KNOWN_BROKEN: dict[str, str] = {
-    "not_dicom": "the rejection stores NULL instead of the request's SOP Instance UID",
-    "missing_sop_instance_uid": "the rejection stores NULL instead of the request's UID",
-    "description_64kb_un": "a long UN text element is stored as a bytes repr",
-}
-
-
-def _params() -> list[Any]:
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[name], strict=True))
-        if name in KNOWN_BROKEN
-        else name
-        for name in _case_names()
-    ]
-
-
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", _case_names())
 def test_each_case_gets_its_status_and_stored_answer(site: Site, name: str) -> None:
     case = site.cases[name]
     assert site.statuses[name] == case.status, f"{name}: status {site.statuses[name]:#06x}"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -110,3 +117,109 @@ def test_native_ybr_full_422_holds_two_samples_per_pixel() -> None:
         describe(
             make(SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422", PixelData=bytes(60))
         )
+
+
+# --------------------------------------------------------------------------- VR UN text
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.file_meta.MediaStorageSOPClassUID = US
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_text_received_as_un_is_decoded_as_its_dictionary_vr() -> None:
+    # pydicom itself converts UN values shorter than 64 KB; longer ones stay bytes.
+    long_text = "THYROID " * 9000
+    ds = make(SpecificCharacterSet="ISO_IR 100")
+    ds.add(DataElement(0x00081030, "UN", long_text.encode("latin-1")))
+    ds.add(DataElement(0x0008103E, "UN", ("Schilddrüse " * 6000).encode("latin-1")))
+    ds.add(DataElement(0x00100010, "UN", "Ørsted^Åse".encode("latin-1")))
+    ds.add(DataElement(0x00080020, "UN", b"20240229"))
+    meta = describe(read_dataset(_encoded(ds)))
+    assert meta.study_description == long_text.strip()
+    assert meta.series_description == ("Schilddrüse " * 6000).strip()
+    assert meta.patient_name == "Ørsted^Åse"
+    assert meta.study_date == dt.date(2024, 2, 29)
+
+
+def test_multi_valued_text_is_joined_by_backslashes() -> None:
+    meta = describe(read_dataset(_encoded(make(StudyDescription=["US", "THYROID"]))))
+    assert meta.study_description == "US\\THYROID"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("value", ["2021-13-45", "19XX0101", "20210230", "", "2021"])
+def test_malformed_dates_are_unknown(value: str) -> None:
+    meta = describe(read_dataset(_encoded(make(StudyDate=value, PatientBirthDate=value))))
+    assert (meta.study_date, meta.patient_birth_date) == (None, None)
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+class _Intake:
+    def __init__(self) -> None:
+        self.rejections: list[tuple[str | None, str, int]] = []
+        self.received: list[str] = []
+
+    def accepted(self, meta: Any, entry: Any, calling_aet: str) -> None:
+        self.received.append(meta.sop_instance_uid)
+
+    def rejected(
+        self, sop_instance_uid: str | None, calling: str, reason: str, status: int
+    ) -> None:
+        self.rejections.append((sop_instance_uid, reason, status))
+
+
+def _store(
+    data: bytes | Exception, tmp_path: Path, requested: str = "1.2.3.4"
+) -> tuple[int, _Intake]:
+    from pacs.listener import handle_store
+    from pacs.spool import Spool
+
+    def encoded_dataset(include_meta: bool = True) -> bytes:
+        if isinstance(data, Exception):
+            raise data
+        return data
+
+    event = SimpleNamespace(
+        request=SimpleNamespace(AffectedSOPInstanceUID=requested),
+        context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY ")),
+        encoded_dataset=encoded_dataset,
+    )
+    intake = _Intake()
+    status = handle_store(event, Spool(tmp_path), intake)  # type: ignore[arg-type]
+    return status, intake
+
+
+def test_a_refusal_keeps_the_requests_sop_instance_uid(tmp_path: Path) -> None:
+    status, intake = _store(b"\x00\x01garbage" * 10, tmp_path)
+    assert status == 0xC000
+    assert intake.rejections[0][0] == "1.2.3.4"
+    ds = make()
+    del ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = US
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    status, intake = _store(buffer.getvalue(), tmp_path)
+    assert (status, intake.rejections) == (0xA900, [("1.2.3.4", "missing SOPInstanceUID", 0xA900)])
+
+
+def test_the_data_sets_own_uid_wins_over_the_requests(tmp_path: Path) -> None:
+    ds = make(PixelData=None)
+    status, intake = _store(_encoded(ds), tmp_path, requested="9.9.9")
+    assert (status, intake.rejections[0][0]) == (0xA900, ds.SOPInstanceUID)
+
+
+def test_an_unforeseen_error_is_a_refusal_without_the_exceptions_text(tmp_path: Path) -> None:
+    status, intake = _store(KeyError("DOE^JANE"), tmp_path)
+    assert status == 0xC000
+    ((uid, reason, _),) = intake.rejections
+    assert uid == "1.2.3.4"
+    assert reason.startswith("cannot process the data set: KeyError in test_meta.py:")
+    assert "DOE" not in reason

@@ -172,7 +172,7 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     """The listener's TLS context when THYROCAD_TLS_CERT and _KEY are set."""
     if settings.tls_cert is None:
         return None
-    return server_context(TlsConfig(settings.tls_cert, settings.tls_key, settings.tls_ca))
+    return server_context(TlsConfig(*settings.tls_files))
 
 
 def _count_associations(servers: list[Any], observer: Observer, stop: threading.Event) -> None:

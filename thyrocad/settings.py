@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         return self.data_dir / "models"
 
     @property
+    def tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        """(certificate, key, CA): the arguments of ``pacs.tls.TlsConfig``."""
+        return self.tls_cert, self.tls_key, self.tls_ca
+
+    @property
     def embedded(self) -> bool:
         """True when neither a database nor a broker server is configured."""
         return not self.database_url and not self.celery_broker_url

@@ -126,7 +126,7 @@ def sr_tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context for the SR destination, or None when it is reached in plain TCP."""
     if not settings.sr_tls:
         return None
-    return client_context(TlsConfig(settings.tls_cert, settings.tls_key, settings.tls_ca))
+    return client_context(TlsConfig(*settings.tls_files))
 
 
 def dispatch_report(

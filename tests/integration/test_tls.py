@@ -262,6 +262,34 @@ def test_structured_reports_and_send_go_over_tls(
     assert not store_report(report, distrusted, "THYROCAD", timeout=20).sent
 
 
+def test_thyrocad_send_tls_into_storescp_tls(
+    tls_storescp: tuple[int, Path], certs: Certificates, tmp_path: Path
+) -> None:
+    port, received = tls_storescp
+    study = write_synthetic_set(tmp_path / "s", 1, seed=73, size=64, id_prefix="TLSCLI")[0]
+    env = {
+        "THYROCAD_DATA_DIR": str(tmp_path / "data"),
+        "THYROCAD_TLS_CERT": str(certs.thyrocad.cert),
+        "THYROCAD_TLS_KEY": str(certs.thyrocad.key),
+        "THYROCAD_TLS_CA": str(certs.ca.cert),
+    }
+    where = ("--to", f"127.0.0.1:{port}", "--aet", "PACS")
+    done = cli("send", "--tls", *where, str(study.paths[0].parent), env=env)
+    assert f"sent {len(study.paths)}, failed 0" in done.stdout
+    assert len(list(received.iterdir())) == len(study.paths)
+
+    # Without --tls the TLS peer cannot be reached; a broken key file is one clear line.
+    plain = cli("send", *where, str(study.paths[0]), env=env, check=False)
+    assert plain.returncode != 0
+    broken = {**env, "THYROCAD_TLS_KEY": str(tmp_path / "missing.key")}
+    failed = cli("send", "--tls", *where, str(study.paths[0]), env=broken, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [
+        line for line in failed.stderr.strip().splitlines() if line.startswith("error:")
+    ]
+    assert "cannot load the TLS certificate" in failed.stderr
+
+
 def test_unreadable_certificate_files_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TlsError, match="cannot load the TLS certificate"):
         client_context(TlsConfig(tmp_path / "missing.crt", tmp_path / "missing.key"))

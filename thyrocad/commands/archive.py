@@ -11,7 +11,16 @@ import typer
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from thyrocad.commands.common import console, err, fail, progress, sessions, settings
+from thyrocad.commands.common import (
+    TLS_HELP,
+    console,
+    err,
+    fail,
+    peer_tls,
+    progress,
+    sessions,
+    settings,
+)
 
 app = typer.Typer()
 
@@ -70,6 +79,7 @@ def backfill(
             help="Wait until fetched studies are classified (else only until they arrived).",
         ),
     ] = True,
+    tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Fetch studies from an archive into thyrocad and follow them until classified.
@@ -85,7 +95,7 @@ def backfill(
 
     s = settings()
     try:
-        peer = Peer.parse(source)
+        peer = Peer.parse(source, tls=peer_tls(s, tls))
     except ValueError as exc:
         raise fail(str(exc)) from exc
     if until is not None and until < since:

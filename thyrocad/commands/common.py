@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,18 @@ def read_sessions(s: Settings) -> Any:
 def say_database(s: Settings) -> None:
     """Tell which database a read command answered from."""
     note(f"database: {database_name(s)}")
+
+
+def peer_tls(s: Settings, enabled: bool) -> ssl.SSLContext | None:
+    """The TLS context of an association thyrocad opens with ``--tls``, else None."""
+    if not enabled:
+        return None
+    from pacs.tls import TlsConfig, client_context
+
+    return client_context(TlsConfig(*s.tls_files))
+
+
+TLS_HELP = (
+    "DICOM over TLS: the peer's certificate is verified against THYROCAD_TLS_CA; "
+    "THYROCAD_TLS_CERT/_KEY identify us."
+)

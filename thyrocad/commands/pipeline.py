@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from thyrocad.commands.common import (
+    TLS_HELP,
     State,
     console,
     ensure_schema,
     err,
     fail,
+    peer_tls,
     progress,
     read_sessions,
     say_database,
@@ -233,22 +235,21 @@ def send(
     to: Annotated[str, typer.Option(help="HOST:PORT of the receiver.")],
     aet: Annotated[str, typer.Option(help="Called AE title.")] = "THYROCAD",
     calling: Annotated[str, typer.Option(help="Our AE title.")] = "THYROCAD-SCU",
+    tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """Send DICOM files with C-STORE, with a progress bar."""
     from pacs.errors import SendError
     from pacs.sender import Peer, iter_dicom_files, send_files
 
     try:
-        peer = Peer.parse(to, aet)
+        peer = Peer.parse(to, aet, tls=peer_tls(settings(), tls))
         files = list(iter_dicom_files(paths))
     except (ValueError, SendError) as exc:
         raise fail(str(exc)) from exc
     if not 1 <= peer.port <= 65535:
         raise UserError(f"--to {to}: {peer.port} is not a port, give HOST:PORT with 1 to 65535")
     with progress() as bar:
-        task = bar.add_task(
-            f"C-STORE → {peer.ae_title}@{peer.host}:{peer.port}", total=len(files), info=""
-        )
+        task = bar.add_task(f"C-STORE → {peer.name}", total=len(files), info="")
         try:
             report = send_files(files, peer, calling, on_progress=lambda p, st: bar.advance(task))
         except SendError as exc:

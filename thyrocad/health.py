@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thyrocad import metrics
+from thyrocad.collectors import ClusterCollector, SpoolCollector, probe_app, probe_engine
 from thyrocad.errors import PortInUse
 from thyrocad.settings import Settings
 
@@ -70,9 +71,9 @@ class Readiness:
 
         self.settings = settings
         self.role = role
-        self._engine = metrics.probe_engine(settings.db_url)
+        self._engine = probe_engine(settings.db_url)
         self._sessions = make_session_factory(self._engine)
-        self._app = metrics.probe_app(settings)
+        self._app = probe_app(settings)
         self._loaded_versions = loaded_versions or (lambda: set())
         self._failures: dict[str, str] = {}
 
@@ -272,8 +273,8 @@ def listener_collectors(settings: Settings, spool: Any) -> list[Collector]:
     """Collectors of the listener: the spool and the deployment (scraped once for all
     listener processes)."""
     return [
-        metrics.SpoolCollector(spool, settings.spool_min_free_mb * 2**20),  # type: ignore[list-item]
-        metrics.ClusterCollector(settings),  # type: ignore[list-item]
+        SpoolCollector(spool, settings.spool_min_free_mb * 2**20),  # type: ignore[list-item]
+        ClusterCollector(settings),  # type: ignore[list-item]
     ]
 
 
@@ -301,4 +302,4 @@ def start_worker_health(
 
 def start_beat_health(settings: Settings) -> HealthServer | None:
     """Metrics (deployment-wide gauges) and health of the beat scheduler."""
-    return start_health_server(settings, "beat", [metrics.ClusterCollector(settings)])  # type: ignore[list-item]
+    return start_health_server(settings, "beat", [ClusterCollector(settings)])  # type: ignore[list-item]

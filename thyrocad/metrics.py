@@ -2,9 +2,12 @@
 
 The listener's :class:`~pacs.intake.Intake` and the workers' ``WorkerContext``
 report events (``observer(event, fields)``); :func:`observe_intake` and
-:func:`worker_observer` turn them into counters and histograms. Gauges that
-describe the whole deployment (queue depth, instances by state, the active
-model, the spool) are computed when Prometheus scrapes, by collectors.
+``worker.observer.worker_observer`` turn them into counters and histograms. Gauges
+that describe the whole deployment (queue depth, instances by state, the active
+model, the spool) are computed when Prometheus scrapes, by the collectors of
+:mod:`thyrocad.collectors`; their names are defined here.
+
+This module imports nothing of thyrocad's other packages, so every one may use it.
 
 Label values come from small fixed sets (outcomes, reason classes, task names,
 class names, model versions) and pass :func:`safe_label`: never a UID, a
@@ -20,7 +23,6 @@ and threads pools (and the listener and beat) use the ordinary registry.
 from __future__ import annotations
 
 import atexit
-import datetime as dt
 import logging
 import os
 import re
@@ -29,19 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from celery import Celery
     from prometheus_client.registry import Collector, CollectorRegistry
-    from sqlalchemy.engine import Engine
-
-    from pacs.spool import Spool
-    from thyrocad.settings import Settings
-    from worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +290,7 @@ def observe_intake(event: str, fields: dict[str, object]) -> None:
     m = metrics()
     if event == "accepted":
         m.received.labels("accepted").inc()
-        m.received_bytes.inc(_number(fields.get("bytes")))
+        m.received_bytes.inc(number(fields.get("bytes")))
     elif event == "rejected":
         m.received.labels("rejected").inc()
         status = fields.get("status")
@@ -307,7 +302,7 @@ def observe_intake(event: str, fields: dict[str, object]) -> None:
     elif event == "registered":
         m.registered.labels(safe_label(fields.get("outcome"), REGISTER_OUTCOMES)).inc()
     elif event == "associations_open":
-        m.associations_open.set(_number(fields.get("count")))
+        m.associations_open.set(number(fields.get("count")))
 
 
 def observe_training(outcome: str, seconds: float) -> None:
@@ -338,136 +333,12 @@ def model_loaded(version: str) -> None:
     m.model_loaded.labels(label).set(1)
 
 
-def worker_observer(ctx: WorkerContext) -> Callable[[str, dict[str, Any]], None]:
-    """The observer for one worker context (``worker.context.set_observer_factory``).
-
-    Events: ``batch`` {size, seconds, records}, ``unreadable`` {reasons},
-    ``study_result`` {study}, ``training`` {outcome, seconds} (the same as calling
-    :func:`observe_training`).
-
-    Observing never fails a task: an error here is logged and the task goes on.
-    """
-    from db.schema import Instance, Study
-
-    instances, studies = Instance.__table__, Study.__table__
-    seen_results: OrderedDict[int, None] = OrderedDict()
-
-    def received_at(instance_ids: Sequence[int]) -> list[dt.datetime]:
-        from sqlalchemy import select
-
-        query = select(instances.c.received_at).where(instances.c.id.in_(instance_ids))
-        with ctx.engine.connect() as conn:
-            return [_aware(row[0]) for row in conn.execute(query)]
-
-    def last_received(study_uid: str) -> dt.datetime | None:
-        from sqlalchemy import select
-
-        query = select(studies.c.last_received_at).where(studies.c.study_instance_uid == study_uid)
-        with ctx.engine.connect() as conn:
-            value = conn.execute(query).scalar_one_or_none()
-        return _aware(value) if value is not None else None
-
-    def on_batch(fields: dict[str, Any]) -> None:
-        m = metrics()
-        m.batch_size.observe(_number(fields.get("size")))
-        m.batch_seconds.observe(_number(fields.get("seconds")))
-        records = list(fields.get("records") or ())
-        versions = set()
-        for record in records:
-            version = safe_label(record.model_version)
-            versions.add(version)
-            m.predictions.labels(safe_label(record.label), version).inc()
-        for version in versions:
-            if version != m.loaded_version:
-                model_loaded(version)
-        ids = sorted({record.instance_id for record in records})
-        if ids:
-            now = dt.datetime.now(dt.UTC)
-            for start in range(0, len(ids), 500):
-                for at in received_at(ids[start : start + 500]):
-                    m.receipt_to_prediction.observe(max(0.0, (now - at).total_seconds()))
-
-    def on_study_result(fields: dict[str, Any]) -> None:
-        result = fields["study"]
-        if result.id in seen_results:  # an unchanged study returns its latest revision
-            return
-        seen_results[result.id] = None
-        while len(seen_results) > 4096:
-            seen_results.popitem(last=False)
-        m = metrics()
-        m.study_results.labels(safe_label(result.label)).inc()
-        last = last_received(result.key)
-        if last is not None:
-            latency = (_aware(result.created_at) - last).total_seconds()
-            m.study_latency.observe(max(0.0, latency))
-
-    def on_unreadable(fields: dict[str, Any]) -> None:
-        m = metrics()
-        for reason in fields.get("reasons") or ():
-            m.unreadable.labels(reason_class(str(reason))).inc()
-
-    def on_training(fields: dict[str, Any]) -> None:
-        observe_training(str(fields.get("outcome", "")), _number(fields.get("seconds")))
-
-    handlers = {
-        "batch": on_batch,
-        "unreadable": on_unreadable,
-        "study_result": on_study_result,
-        "training": on_training,
-    }
-
-    def observe(event: str, fields: dict[str, Any]) -> None:
-        handler = handlers.get(event)
-        if handler is None:
-            return
-        try:
-            handler(fields)
-        except Exception:
-            logger.exception("could not record metrics", extra={"metrics_event": event})
-
-    return observe
-
-
-def _number(value: object) -> float:
+def number(value: object) -> float:
+    """A numeric event field as a float; 0 for anything else."""
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-# --------------------------------------------------------------------------- probes
-
-
-def probe_engine(url: str) -> Engine:
-    """An engine for health checks and scrapes: no pool, short connect timeout."""
-    from sqlalchemy.pool import NullPool
-
-    from db.engine import is_sqlite, make_engine
-
-    kwargs: dict[str, Any] = {"poolclass": NullPool}
-    if not is_sqlite(url) and url.startswith("postgresql"):
-        kwargs["connect_args"] = {"connect_timeout": 3}
-    return make_engine(url, **kwargs)
-
-
-def probe_app(settings: Settings) -> Celery:
-    """A Celery app that only inspects the broker, failing fast when it is down."""
-    from celery import Celery
-
-    from worker.app import broker_options
-
-    app = Celery("thyrocad-probe", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        broker_transport_options={**broker_options(settings), "max_retries": 0},
-        broker_connection_timeout=3,
-        broker_connection_retry=False,
-        broker_connection_max_retries=0,
-    )
-    return app
-
-
-# --------------------------------------------------------------------------- collectors
+# --------------------------------------------------------------------------- scrape-time gauges
 
 
 def _gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Any:
@@ -476,114 +347,33 @@ def _gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Any:
     return GaugeMetricFamily(name, documentation, labels=list(labels) if labels else None)
 
 
-class SpoolCollector:
-    """Spool usage on scrape; walking the files is cached for ``cache_seconds``."""
-
-    def __init__(self, spool: Spool, min_free_bytes: int, cache_seconds: float = 30.0) -> None:
-        self._spool = spool
-        self._min_free = min_free_bytes
-        self._cache_seconds = cache_seconds
-        self._cached: tuple[float, int, int] | None = None
-
-    def _usage(self) -> tuple[int, int]:
-        now = time.monotonic()
-        if self._cached is None or now - self._cached[0] > self._cache_seconds:
-            files = used = 0
-            for path in self._spool.entries():
-                try:
-                    used += path.stat().st_size
-                    files += 1
-                except OSError:
-                    continue  # moved away between listing and stat
-            self._cached = (now, files, used)
-        return self._cached[1], self._cached[2]
-
-    def describe(self) -> Iterable[Any]:
-        return self.families()
-
-    @staticmethod
-    def families() -> list[Any]:
-        return [
-            _gauge("thyrocad_spool_free_bytes", "Free bytes on the spool's file system."),
-            _gauge("thyrocad_spool_used_bytes", "Bytes of spooled instances."),
-            _gauge("thyrocad_spool_files", "Spooled instance files."),
-            _gauge(
-                "thyrocad_spool_min_free_bytes",
-                "Free space below which the listener refuses C-STOREs.",
-            ),
-        ]
-
-    def collect(self) -> Iterator[Any]:
-        free_f, used_f, files_f, min_f = self.families()
-        try:
-            free_f.add_metric([], float(self._spool.free_bytes()))
-            files, used = self._usage()
-            used_f.add_metric([], float(used))
-            files_f.add_metric([], float(files))
-        except OSError:
-            logger.warning("spool not readable for metrics", extra={"spool": str(self._spool.root)})
-        min_f.add_metric([], float(self._min_free))
-        yield from (free_f, used_f, files_f, min_f)
+def spool_families() -> list[Any]:
+    """The spool gauges (``thyrocad.collectors.SpoolCollector`` fills them)."""
+    return [
+        _gauge("thyrocad_spool_free_bytes", "Free bytes on the spool's file system."),
+        _gauge("thyrocad_spool_used_bytes", "Bytes of spooled instances."),
+        _gauge("thyrocad_spool_files", "Spooled instance files."),
+        _gauge(
+            "thyrocad_spool_min_free_bytes",
+            "Free space below which the listener refuses C-STOREs.",
+        ),
+    ]
 
 
-class ClusterCollector:
-    """What the database and broker say about the whole deployment, on scrape.
-
-    Exported by the listener and beat; dashboards aggregate with ``max``.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        from db.engine import make_session_factory
-
-        self._sessions = make_session_factory(probe_engine(settings.db_url))
-        self._app = probe_app(settings)
-
-    @staticmethod
-    def families() -> list[Any]:
-        return [
-            _gauge("thyrocad_database_up", "1 when the database answered this scrape."),
-            _gauge("thyrocad_broker_up", "1 when the broker answered this scrape."),
-            _gauge("thyrocad_queue_messages", "Messages waiting per Celery queue.", ["queue"]),
-            _gauge("thyrocad_instances", "Instances by processing state.", ["state"]),
-            _gauge("thyrocad_active_model_present", "1 when a model version is active."),
-            _gauge(
-                "thyrocad_active_model_info",
-                "The active model version and its architecture (value 1).",
-                ["model_version", "architecture"],
-            ),
-        ]
-
-    def describe(self) -> Iterable[Any]:
-        return self.families()
-
-    def collect(self) -> Iterator[Any]:
-        from db import repository
-        from worker.app import queue_depths
-
-        db_up, broker_up, queues, states, present, info = self.families()
-        try:
-            with self._sessions() as session:
-                counts = repository.instance_counts(session)
-                active = repository.active_model(session)
-            for state, n in counts.items():
-                states.add_metric([safe_label(state)], float(n))
-            present.add_metric([], 1.0 if active else 0.0)
-            if active:
-                info.add_metric([safe_label(active.version), safe_label(active.architecture)], 1.0)
-            db_up.add_metric([], 1.0)
-        except Exception as exc:
-            logger.warning("database unreachable for metrics: %s", type(exc).__name__)
-            db_up.add_metric([], 0.0)
-        try:
-            depths = queue_depths(self._app)
-            for queue, depth in depths.items():
-                if depth >= 0:
-                    queues.add_metric([safe_label(queue)], float(depth))
-            broker_up.add_metric([], 1.0)
-        except Exception as exc:
-            logger.warning("broker unreachable for metrics: %s", type(exc).__name__)
-            broker_up.add_metric([], 0.0)
-        yield from (db_up, broker_up, queues, states, present, info)
+def cluster_families() -> list[Any]:
+    """The deployment gauges (``thyrocad.collectors.ClusterCollector`` fills them)."""
+    return [
+        _gauge("thyrocad_database_up", "1 when the database answered this scrape."),
+        _gauge("thyrocad_broker_up", "1 when the broker answered this scrape."),
+        _gauge("thyrocad_queue_messages", "Messages waiting per Celery queue.", ["queue"]),
+        _gauge("thyrocad_instances", "Instances by processing state.", ["state"]),
+        _gauge("thyrocad_active_model_present", "1 when a model version is active."),
+        _gauge(
+            "thyrocad_active_model_info",
+            "The active model version and its architecture (value 1).",
+            ["model_version", "architecture"],
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------- scraping
@@ -658,8 +448,8 @@ def exported_names() -> set[str]:
             for family in value.describe():
                 names |= {family.name + s for s in suffixes.get(family.type, ("",))}
     families: list[Any] = [
-        *SpoolCollector.families(),
-        *ClusterCollector.families(),
+        *spool_families(),
+        *cluster_families(),
     ]
     names |= {family.name for family in families}
     return names

@@ -25,6 +25,7 @@ from celery.signals import (
 from db import repository
 from thyrocad import metrics
 from worker.context import get_context, set_observer_factory
+from worker.observer import worker_observer
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def install(*, watch_model: bool, prefork: bool) -> None:
     if _installed:
         return
     _installed = True
-    set_observer_factory(metrics.worker_observer)
+    set_observer_factory(worker_observer)
     task_failure.connect(_on_failure, weak=False)
     task_retry.connect(_on_retry, weak=False)
     if prefork:

@@ -27,6 +27,7 @@ from pacs.meta import describe, read_dataset
 from thyrocad import metrics
 from thyrocad.health import HealthServer, Readiness
 from thyrocad.settings import Settings, load_settings
+from worker.observer import worker_observer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -167,7 +168,7 @@ def test_no_uid_or_patient_data_reaches_a_label(sqlite_ctx: Any) -> None:
     )
     metrics.observe_intake("registered", {"outcome": uid})
     metrics.observe_intake("association", {"outcome": "PAT-0001"})
-    observe = metrics.worker_observer(sqlite_ctx)
+    observe = worker_observer(sqlite_ctx)
     record = PredictionRecord(
         instance_id=424242,
         model_version=uid,
@@ -200,7 +201,7 @@ def test_counters_follow_events(sqlite_ctx: Any) -> None:
     assert value("thyrocad_instances_rejected_total", reason="no_pixel_data") == before + 1
     before = value("thyrocad_predictions_total", label="normal", model_version="m-1")
     batches = value("thyrocad_inference_batch_size_count")
-    observe = metrics.worker_observer(sqlite_ctx)
+    observe = worker_observer(sqlite_ctx)
     records = [
         PredictionRecord(i, "m-1", "normal", 0.2, {"autoimmune": 0.2, "normal": 0.8})
         for i in range(3)
@@ -224,7 +225,7 @@ def test_counters_follow_events(sqlite_ctx: Any) -> None:
 
 
 def test_an_observer_error_never_reaches_the_task(sqlite_ctx: Any) -> None:
-    observe = metrics.worker_observer(sqlite_ctx)
+    observe = worker_observer(sqlite_ctx)
     observe("batch", {"size": 1, "seconds": 0.1, "records": [object()]})  # logged, not raised
     observe("unknown-event", {})
 

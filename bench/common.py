@@ -404,8 +404,8 @@ def register_model(arch: str, size: int, registry: Path, env: Mapping[str, str])
     from db.engine import upgrade
     from models.architectures import build_model
     from models.registry import Registry
-    from thyrocad.learning import promote_version
     from thyrocad.settings import load_settings
+    from worker.versions import promote_version
 
     keras.utils.set_random_seed(0)
     model = build_model(arch, classes=CLASSES, input_size=size, weights=None)

@@ -97,7 +97,7 @@ def _ensure_model(
         if repository.active_model(session) is not None:
             say("using the active model")
             return
-    from thyrocad.learning import load_dataset
+    from pacs.datasets import load_dataset
     from thyrocad.synthetic import write_synthetic_set
 
     train_dir = s.data_dir / "demo-train"
@@ -115,7 +115,7 @@ def _ensure_model(
     }
     chosen = choose_weights(weights, say)
     version = train(s, loaded.images, loaded.labels, loaded.patient_ids, weights=chosen, **kwargs)
-    from thyrocad.learning import promote_version
+    from worker.versions import promote_version
 
     promote_version(s, version, s.registry_dir)
     say(f"trained and promoted {version}")

@@ -8,7 +8,7 @@
    decide hold-out membership for new patients, record a ``running`` training run.
 2. **Train** a candidate with the active model's architecture and training settings
    on the labelled studies' spooled images outside the hold-out, decoded by
-   ``pacs.pixels`` exactly as inference decodes them (``thyrocad.learning``).
+   ``pacs.pixels`` exactly as inference decodes them (``pacs.datasets``).
 3. **Compare** candidate and active model on the fixed patient-level hold-out with
    ``models.evaluation``; promote only if the candidate's patient AUC is at least the
    active one's minus a tolerance and its patient sensitivity reaches a floor.
@@ -49,29 +49,12 @@ from worker.model_selection import (
     patient_metric,
     pseudonym,
 )
+from worker.versions import version_record
 
 logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 PREDICT_BATCH = 32
-
-
-def version_record(
-    saved: Any, now: dt.datetime, status_reason: str | None = None
-) -> ModelVersionRecord:
-    """The database's candidate row for a registry version (``models.registry.ModelVersion``)."""
-    return ModelVersionRecord(
-        version=saved.version,
-        architecture=saved.architecture,
-        classes=tuple(saved.classes),
-        input_size=saved.input_size,
-        artifact_path=str(saved.path.resolve()),
-        status="candidate",
-        status_reason=status_reason,
-        metrics=saved.metadata.get("metrics") or {},
-        data_fingerprint=saved.metadata.get("data_fingerprint"),
-        created_at=now,
-    )
 
 
 def utcnow() -> dt.datetime:
@@ -282,10 +265,10 @@ def _claim(
 def _load(
     images: Sequence[LabelledImage], size: int, frame_policy: str
 ) -> tuple[np.ndarray, list[str], list[str], int]:
-    """Decode with ``pacs.pixels`` through ``thyrocad.learning`` (the inference preprocessing)."""
+    """Decode with ``pacs.pixels`` through ``pacs.datasets`` (the inference preprocessing)."""
     from models.data import ImageRecord
+    from pacs.datasets import load_images
     from pacs.pixels import FramePolicy
-    from thyrocad.learning import load_images
 
     records = [
         ImageRecord(Path(img.spool_path), pseudonym(img.patient_key), img.diagnosis)
@@ -320,8 +303,8 @@ def _train_and_compare(
     from models.errors import ModelsError
     from models.evaluation import evaluate
     from models.evaluation_report import report_to_json
+    from models.registration import train_and_register
     from models.registry import Registry
-    from thyrocad.learning import train_and_register
     from worker.model_holder import load_version
 
     p = claimed.parameters
@@ -334,10 +317,11 @@ def _train_and_compare(
     extra: dict[str, Any] = {"undecodable_instances": skipped}
     registry_dir = Path(claimed.active.artifact_path).parent.parent
     trained = train_and_register(
-        s,
         x,
         labels,
         patients,
+        classes=tuple(s.classes),
+        positive_class=s.positive_class,
         arch=str(p["architecture"]),
         epochs=int(p["epochs"]),
         batch_size=int(p["batch_size"]),

@@ -39,10 +39,10 @@ from pacs.sender import Peer, send_files
 from pacs.spool import Spool
 from tests.integration.conftest import cli
 from tests.procs import ROOT, free_port, port_open, redis_server, stop, thyrocad, wait_for
-from thyrocad.learning import promote_version
 from thyrocad.settings import load_settings
 from thyrocad.synthetic import SyntheticPatient, write_synthetic_set
 from worker.model_selection import in_holdout
+from worker.versions import promote_version
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

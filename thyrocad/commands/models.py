@@ -86,7 +86,7 @@ def train(
     except (ModelsError, ValueError) as exc:
         raise fail(str(exc)) from exc
     if promote:
-        from thyrocad.learning import promote_version
+        from worker.versions import promote_version
 
         promote_version(s, version, registry or s.registry_dir)
     console.print(version)
@@ -140,7 +140,7 @@ def _train(
     augment_variants: int,
 ) -> str:
     from models.data import discover
-    from thyrocad.learning import load_images
+    from pacs.datasets import load_images
 
     records = discover(data, tuple(s.classes))
     with progress() as bar:
@@ -169,8 +169,9 @@ def _train(
 def train_and_register(
     s: Settings, images: Any, labels: list[str], patient_ids: list[str], **options: Any
 ) -> str:
-    """``learning.train_and_register`` with a per-epoch progress bar and a metrics table."""
-    from thyrocad.learning import train_and_register as run
+    """``models.registration.train_and_register`` with a per-epoch progress bar and a
+    metrics table; the classes and the positive class come from the settings."""
+    from models.registration import train_and_register as run
 
     epochs = int(options.get("epochs", 100))
     with progress() as bar:
@@ -180,7 +181,15 @@ def train_and_register(
             info = " ".join(f"{k}={v:.3f}" for k, v in logs.items())
             bar.update(task, completed=epoch, info=info)
 
-        trained = run(s, images, labels, patient_ids, on_epoch=on_epoch, **options)
+        trained = run(
+            images,
+            labels,
+            patient_ids,
+            classes=tuple(s.classes),
+            positive_class=s.positive_class,
+            on_epoch=on_epoch,
+            **options,
+        )
     if trained.metrics:
         _print_metrics(trained.metrics)
     else:
@@ -231,7 +240,7 @@ def evaluate(
             labels, probs, patients, classes = read_predictions_csv(predictions)
         elif model is not None and data is not None:
             from models.registry import Registry
-            from thyrocad.learning import load_dataset
+            from pacs.datasets import load_dataset
 
             classifier = Registry(registry or s.registry_dir).load(model)
             loaded = load_dataset(data, classifier.input_size, classifier.classes)
@@ -320,7 +329,7 @@ def models_show(version: str, registry: Annotated[Path | None, typer.Option()] =
 def models_promote(version: str, registry: Annotated[Path | None, typer.Option()] = None) -> None:
     """Make VERSION the active model for the pipeline (workers pick it up without restart)."""
     from models.errors import RegistryError
-    from thyrocad.learning import promote_version
+    from worker.versions import promote_version
 
     s = settings()
     try:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from thyrocad.commands.common import console, fail, read_sessions, say_database, settings
@@ -81,4 +82,5 @@ def audit(
     elif not events:
         console.print("no audit events" + (" matching" if since or kind else ""))
     else:
-        console.print(_table(events))
+        # Never cut an address or a reason: a narrow terminal wraps the line instead.
+        Console(file=console.file, width=max(console.width, 160)).print(_table(events))

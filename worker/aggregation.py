@@ -110,7 +110,7 @@ def finalise_due(ctx: WorkerContext, now: dt.datetime | None = None) -> list[Fin
             ctx.observe("study_result", {"study": result.study})
     reportable = [f.study for f in done if f.study.has_finding]
     if reportable and ctx.settings.sr_destination:
-        from worker.archive_tasks import queue_reports  # the SR hook; imports highdicom
+        from worker.report_queue import queue_reports  # the SR hook; imports highdicom
 
         queue_reports(ctx, reportable)
     return done

@@ -1,10 +1,10 @@
-"""Structured Reports back to the PACS: the hook that queues them and the task that sends them.
+"""Structured Reports back to the PACS: the task that sends them.
 
-:func:`queue_reports` runs after the finaliser made study results; with
-``THYROCAD_SR_DESTINATION`` set it records a ``pending`` dispatch per result
-(so a report that never left is visible) and queues ``thyrocad.send_report``
-on the maintenance queue. The task builds the report from stored data, sends
-it with C-STORE and stores the outcome: only DIMSE status 0x0000 is ``sent``;
+``worker.report_queue.queue_reports`` runs after the finaliser made study results;
+with ``THYROCAD_SR_DESTINATION`` set it records a ``pending`` dispatch per result
+(so a report that never left is visible) and queues ``thyrocad.send_report`` on
+the maintenance queue. The task builds the report from stored data, sends it
+with C-STORE and stores the outcome: only DIMSE status 0x0000 is ``sent``;
 a warning or a refusal is ``failed`` with its reason; no association, no
 answer or an out-of-resources peer is retried with backoff and becomes
 ``failed`` when the retries run out. Sending a revision twice sends the same
@@ -16,14 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.records import ResultRecord
 from db.repository import ReportSource
 from pacs.sender import Peer
 from pacs.structured_report import (
@@ -38,7 +35,7 @@ from pacs.structured_report import (
 from pacs.tls import TlsConfig, TlsError, client_context
 from thyrocad.settings import Settings
 from worker.context import WorkerContext, get_context
-from worker.tasks import TRANSIENT
+from worker.task_policy import TRANSIENT
 
 logger = logging.getLogger(__name__)
 
@@ -49,44 +46,6 @@ SR_STORE_TIMEOUT_SECONDS = 60.0
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def queue_reports(ctx: WorkerContext, results: Sequence[ResultRecord]) -> int:
-    """Queue a report for each study result not sent yet; return how many were queued."""
-    destination = ctx.settings.sr_destination
-    if not destination:
-        return 0
-    return mark_and_queue(
-        ctx.sessions,
-        destination,
-        results,
-        lambda result_id, dest: send_report.apply_async(args=[result_id, dest]),
-    )
-
-
-def mark_and_queue(
-    sessions: sessionmaker[Session],
-    destination: str,
-    results: Sequence[ResultRecord],
-    publish: Callable[[int, str], object],
-) -> int:
-    """Record a ``pending`` dispatch for each study result not sent to ``destination``
-    yet (a failed one is tried again), then ``publish(result_id, destination)`` each."""
-    studies = [r for r in results if r.level == "study"]
-    queued = []
-    with sessions.begin() as session:
-        for result in studies:
-            known = repository.sr_dispatch(session, result.id, destination)
-            if known is not None and known.status == "sent":
-                continue
-            _, sop_uid = report_uids(result.key, result.revision, result.created_at)
-            repository.save_sr_dispatch(
-                session, result.id, destination, sop_uid, "pending", reason="queued"
-            )
-            queued.append(result.id)
-    for result_id in queued:
-        publish(result_id, destination)
-    return len(queued)
 
 
 def report_content(source: ReportSource, settings: Settings) -> ReportContent:

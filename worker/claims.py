@@ -6,7 +6,8 @@ batches while it works on them (:func:`heartbeat`), so a slow batch is never sto
 Each claim also names the worker process that holds it (:func:`worker_name`: the Celery
 node name and the pool slot, the same after a restart), so a process gives back at
 once whatever it holds but no longer works on: at start (what its killed previous life
-held) and before each drain (what a drain that died with the database left).
+held; ``worker.context.recover_at_start``) and before each drain (what a drain that died
+with the database left).
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-
-if TYPE_CHECKING:
-    from worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +71,9 @@ class ClaimBook:
         with self._lock:
             return sorted(self._live)
 
-    def release_stale(self, ctx: WorkerContext) -> list[int]:
+    def release_stale(self, sessions: sessionmaker[Session]) -> list[int]:
         """Give back this worker's claims that no batch of this process works on."""
-        with self._lock, ctx.sessions.begin() as session:
+        with self._lock, sessions.begin() as session:
             released = repository.release_worker_claims(
                 session, self.worker, sorted(self._live), _utcnow()
             )
@@ -87,11 +85,11 @@ class ClaimBook:
             )
         return released
 
-    def renew(self, ctx: WorkerContext) -> int:
+    def renew(self, sessions: sessionmaker[Session]) -> int:
         tokens = self.live()
         if not tokens:
             return 0
-        with ctx.sessions.begin() as session:
+        with sessions.begin() as session:
             return repository.renew_claims(session, tokens, _utcnow())
 
 
@@ -100,16 +98,18 @@ def _utcnow() -> dt.datetime:
 
 
 @contextmanager
-def heartbeat(ctx: WorkerContext) -> Iterator[None]:
-    """Renew this process's claims every third of the lease while the block runs."""
+def heartbeat(
+    claims: ClaimBook, sessions: sessionmaker[Session], lease_seconds: float
+) -> Iterator[None]:
+    """Renew the claims of ``claims`` every third of the lease while the block runs."""
     stop = threading.Event()
-    interval = max(0.5, ctx.settings.claim_lease_seconds / 3.0)
+    interval = max(0.5, lease_seconds / 3.0)
 
     def beat() -> None:
         failing = False
         while not stop.wait(interval):
             try:
-                ctx.claims.renew(ctx)
+                claims.renew(sessions)
                 if failing:
                     logger.info("claim renewal works again")
                 failing = False
@@ -126,24 +126,3 @@ def heartbeat(ctx: WorkerContext) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(interval + 5.0)
-
-
-def recover_at_start(ctx: WorkerContext, give_up_after: float = 3600.0) -> list[int]:
-    """At process start: release what this worker held before it restarted and queue it.
-
-    Waits for the database (a worker may start during an outage). The killed task of
-    the previous life is not delivered again soon (its broker message waits for the
-    visibility timeout), so the released instances get a task of their own.
-    """
-    if not ctx.wait_for_database(give_up_after):
-        return []
-    try:
-        released = ctx.claims.release_stale(ctx)
-    except SQLAlchemyError:
-        logger.warning("could not release earlier claims; their lease will", exc_info=True)
-        return []
-    if released:
-        from worker.tasks import infer
-
-        infer.apply_async(args=[released])
-    return released

@@ -3,7 +3,8 @@
 Celery tasks are plain functions, so each worker process keeps one
 :class:`WorkerContext`, made on first use after the fork (never at import), and
 disposed of the pooled connections it inherited from a parent. A worker process
-that starts gives back the claims its previous life held (``worker.claims``).
+that starts gives back the claims its previous life held (:func:`recover_at_start`)
+and queues their instances again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from db.engine import make_engine, make_session_factory
 from pacs.pixels import FramePolicy
 from pacs.spool import Spool
 from thyrocad.settings import Settings, load_settings
-from worker.claims import ClaimBook, recover_at_start, set_node_name, worker_name
+from worker import task_policy
+from worker.claims import ClaimBook, set_node_name, worker_name
 from worker.model_holder import ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,25 @@ def _after_fork(sender: object = None, **_: object) -> None:
     if isinstance(sender, str):  # the solo pool names its node here
         set_node_name(sender)
     threading.Thread(target=_recover_claims, name="thyrocad-claims-at-start", daemon=True).start()
+
+
+def recover_at_start(ctx: WorkerContext, give_up_after: float = 3600.0) -> list[int]:
+    """At process start: release what this worker held before it restarted and queue it.
+
+    Waits for the database (a worker may start during an outage). The killed task of
+    the previous life is not delivered again soon (its broker message waits for the
+    visibility timeout), so the released instances get a task of their own.
+    """
+    if not ctx.wait_for_database(give_up_after):
+        return []
+    try:
+        released = ctx.claims.release_stale(ctx.sessions)
+    except SQLAlchemyError:
+        logger.warning("could not release earlier claims; their lease will", exc_info=True)
+        return []
+    if released:
+        task_policy.publish("thyrocad.infer", released)
+    return released
 
 
 def _recover_claims() -> None:

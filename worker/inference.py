@@ -184,12 +184,12 @@ def run_inference(ctx: WorkerContext, max_batches: int | None = None) -> BatchOu
     unpredicted instances are released for another attempt. Starts by giving back
     what this worker claimed earlier and no longer works on.
     """
-    ctx.claims.release_stale(ctx)
+    ctx.claims.release_stale(ctx.sessions)
     classifier = _active_classifier(ctx)
     size, limit = classifier.input_size, ctx.settings.batch_max
     predicted = rejected = batches = 0
     with (
-        heartbeat(ctx),
+        heartbeat(ctx.claims, ctx.sessions, ctx.settings.claim_lease_seconds),
         ThreadPoolExecutor(max_workers=max(1, ctx.settings.decode_threads)) as pool,
         ThreadPoolExecutor(max_workers=1) as prefetch,
     ):

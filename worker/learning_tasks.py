@@ -15,7 +15,7 @@ from celery import shared_task
 
 from worker.context import get_context
 from worker.retraining import refit
-from worker.tasks import RETRY
+from worker.task_policy import RETRY
 
 logger = logging.getLogger(__name__)
 

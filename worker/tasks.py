@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 
 from celery import shared_task
-from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
 from db import repository
@@ -20,19 +19,12 @@ from worker.aggregation import finalise_due
 from worker.context import get_context
 from worker.inference import run_inference
 from worker.model_holder import NoActiveModel
+from worker.task_policy import RETRY
 
 logger = logging.getLogger(__name__)
 
 #: How long an inference task waits for a database that went away before it backs off.
 DATABASE_WAIT_SECONDS = 120.0
-
-TRANSIENT = (DatabaseError, BrokerError, ConnectionError)
-RETRY = {
-    "autoretry_for": TRANSIENT,
-    "retry_backoff": True,
-    "retry_backoff_max": 60,
-    "max_retries": None,
-}
 
 
 @shared_task(name="thyrocad.infer", bind=True, **RETRY)

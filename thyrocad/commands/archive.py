@@ -306,7 +306,7 @@ def send_reports(
     """Queue the Structured Report of each latest study result not sent yet (failed ones again)."""
     from db import repository
     from worker.app import create_app
-    from worker.archive_tasks import mark_and_queue
+    from worker.report_queue import mark_and_queue
 
     s = settings()
     if not s.sr_destination:

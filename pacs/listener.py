@@ -48,6 +48,7 @@ from pacs.meta import (
     read_dataset,
     register_storage_classes,
 )
+from pacs.received import received_parts
 from pacs.spool import Spool, SpoolEntry
 
 logger = logging.getLogger(__name__)
@@ -156,11 +157,14 @@ def handle_store(event: Any, spool: Spool, intake: Intake) -> int:
     requested = str(getattr(event.request, "AffectedSOPInstanceUID", None) or "").strip()
     sop_uid: str | None = requested or None
     try:
-        data = event.encoded_dataset(include_meta=True)
-        ds = read_dataset(data)
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip() or sop_uid
-        meta = describe(ds, str(event.context.transfer_syntax))
-        entry = spool.write(meta.sop_instance_uid, data)
+        # File meta and a view of pynetdicom's buffer: the instance is held once, not four
+        # times (see pacs.received).
+        with received_parts(event) as data:
+            ds = read_dataset(data)
+            sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip() or sop_uid
+            meta = describe(ds, str(event.context.transfer_syntax))
+            del ds  # it reads unread values from the view, which ends with the block
+            entry = spool.write(meta.sop_instance_uid, data)
     except InvalidInstance as exc:
         logger.warning("instance refused: %s", exc.reason, extra={"sop_instance_uid": sop_uid})
         intake.rejected(sop_uid, calling, exc.reason, exc.status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
@@ -24,6 +25,7 @@ from pydicom.valuerep import VR
 from pydicom.values import convert_value
 
 from pacs.errors import InvalidInstance
+from pacs.received import PartsReader
 
 # DIMSE C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_SUCCESS = 0x0000
@@ -70,6 +72,9 @@ def register_storage_classes() -> list[str]:
     return registered
 
 
+# Values longer than this are left unread when a header is parsed.
+_DEFER_BYTES = 1 << 20
+
 # SOP Class UID, SOP Instance UID, Study Instance UID, Pixel Data
 _IDENTIFYING_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x7FE00010)
 
@@ -97,13 +102,17 @@ class InstanceMeta:
     columns: int
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse encoded bytes (with or without file meta) into a pydicom Dataset.
+def read_dataset(data: bytes | Sequence[bytes | memoryview]) -> Dataset:
+    """Parse encoded bytes (with or without file meta), or the parts of them in order (see
+    :mod:`pacs.received`), into a pydicom Dataset.
 
-    Raises :class:`InvalidInstance` (0xC000) when the bytes are not DICOM.
+    Values longer than :data:`_DEFER_BYTES` (the pixel data of any image worth holding
+    once) are not read: the dataset knows their length, and reads them from ``data`` if
+    asked. Raises :class:`InvalidInstance` (0xC000) when the bytes are not DICOM.
     """
+    source = io.BytesIO(data) if isinstance(data, bytes) else PartsReader(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(source, force=True, defer_size=_DEFER_BYTES)
         # force=True parses anything; a dataset without one identifying element is noise.
         if not any(tag in ds for tag in _IDENTIFYING_TAGS):
             raise InvalidInstance("not a DICOM dataset", STATUS_CANNOT_UNDERSTAND)
@@ -176,6 +185,14 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
     return (total_bits + 7) // 8
 
 
+def _pixel_data_length(ds: Dataset) -> int:
+    """Bytes of the Pixel Data value, without reading a value left unread."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is None and elem.length != 0xFFFFFFFF:
+        return int(elem.length)
+    return len(ds.PixelData)
+
+
 def pixel_length_problem(expected: int, got: int) -> str | None:
     """Why native pixel data of ``got`` bytes cannot be an image of ``expected`` bytes.
 
@@ -217,7 +234,8 @@ def describe(ds: Dataset, transfer_syntax_uid: str | None = None) -> InstanceMet
         raise InvalidInstance("missing Rows/Columns", STATUS_DATASET_MISMATCH) from exc
     if syntax and not UID(syntax).is_compressed:
         expected = expected_pixel_bytes(ds)
-        problem = None if expected is None else pixel_length_problem(expected, len(ds.PixelData))
+        got = _pixel_data_length(ds)
+        problem = None if expected is None else pixel_length_problem(expected, got)
         if problem:
             raise InvalidInstance(problem, STATUS_DATASET_MISMATCH)
     try:

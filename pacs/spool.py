@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,19 +46,27 @@ class Spool:
         bucket = hashlib.sha1(sop_instance_uid.encode()).hexdigest()[:2]
         return self.root / bucket / f"{sop_instance_uid}{self.SUFFIX}"
 
-    def write(self, sop_instance_uid: str, data: bytes) -> SpoolEntry:
-        """Store ``data`` durably; raise :class:`SpoolError` when it cannot be done."""
+    def write(
+        self, sop_instance_uid: str, data: bytes | Sequence[bytes | memoryview]
+    ) -> SpoolEntry:
+        """Store ``data`` (bytes, or parts written one after the other, see
+        :mod:`pacs.received`) durably; raise :class:`SpoolError` when it cannot be done."""
+        parts = [data] if isinstance(data, bytes) else list(data)
+        size = sum(memoryview(part).nbytes for part in parts)
         target = self.path_for(sop_instance_uid)
-        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+        if self.min_free_bytes and self.free_bytes() - size < self.min_free_bytes:
             raise SpoolError(
                 f"spool has less than {self.min_free_bytes // 2**20} MiB free at {self.root}"
             )
+        digest = hashlib.sha256()
         tmp_name = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for part in parts:
+                    handle.write(part)
+                    digest.update(part)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp_name, target)
@@ -73,8 +81,8 @@ class Spool:
         return SpoolEntry(
             sop_instance_uid=sop_instance_uid,
             path=target,
-            sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data),
+            sha256=digest.hexdigest(),
+            size_bytes=size,
         )
 
     def read(self, path: Path | str) -> bytes:

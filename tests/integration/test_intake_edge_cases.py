@@ -454,11 +454,20 @@ def send_with_storescu(paths: list[Path], port: int) -> list[int]:
 # --------------------------------------------------------------------------- the pipeline
 
 
+def _memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak) of a process, in KiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
 @dataclass
 class Site:
     pipeline: Pipeline
     cases: dict[str, Case]
     statuses: dict[str, int] = field(default_factory=dict)
+    listener_rss_before_kib: int = 0
 
     def stored(self, case: Case) -> dict[str, Any] | None:
         with self.pipeline.engine.connect() as conn:
@@ -525,6 +534,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, str])
         result = Site(pipeline, {c.name: c for c in cases})
         try:
             pipeline.start()
+            result.listener_rss_before_kib = _memory_kib(pipeline.procs["listener"].pid)["VmRSS"]
             for sender, send in (
                 ("pynetdicom", send_with_pynetdicom),
                 ("storescu", send_with_storescu),
@@ -623,6 +633,33 @@ def test_retired_classes_are_stored_under_their_own_class(site: Site) -> None:
     listener_log = (site.pipeline.data_dir / "listener.log").read_text(errors="replace")
     assert "No supported service class" not in listener_log
     assert "Aborting Association" not in listener_log
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """A DICOM file's bytes after its file meta group."""
+    raw = path.read_bytes()
+    return raw[132 + 12 + int.from_bytes(raw[140:144], "little") :]
+
+
+def test_the_spool_holds_the_data_set_as_sent(site: Site) -> None:
+    # Cases pynetdicom sent as they are (storescu re-encodes what it sends).
+    for name in ("jpeg_good", "description_64kb_un", "monochrome2_16_bit"):
+        case = site.cases[name]
+        spooled = site.pipeline.scalar(
+            f"SELECT spool_path FROM instances WHERE sop_instance_uid = '{case.sop_instance_uid}'"
+        )
+        assert _data_set_bytes(Path(str(spooled))) == _data_set_bytes(case.path), name
+
+
+def test_the_listener_holds_a_large_instance_once(site: Site) -> None:
+    # The 138 MB cine: pynetdicom's receive buffer is the only copy (it was four).
+    size_kib = site.cases["cine_150_rgb"].path.stat().st_size // 1024
+    peak = _memory_kib(site.pipeline.procs["listener"].pid)["VmHWM"]
+    grown = peak - site.listener_rss_before_kib
+    assert grown < 1.6 * size_kib, (
+        f"listener peak {peak / 1024:.0f} MiB, {grown / size_kib:.2f} x the instance above "
+        f"its {site.listener_rss_before_kib / 1024:.0f} MiB before"
+    )
 
 
 def test_every_process_survives_and_still_answers(site: Site) -> None:

@@ -223,3 +223,75 @@ def test_an_unforeseen_error_is_a_refusal_without_the_exceptions_text(tmp_path: 
     assert uid == "1.2.3.4"
     assert reason.startswith("cannot process the data set: KeyError in test_meta.py:")
     assert "DOE" not in reason
+
+
+# --------------------------------------------------------------------------- received parts
+
+
+def test_a_header_is_read_from_parts_without_reading_the_pixel_data(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from pacs.received import PartsReader
+    from pacs.spool import Spool
+
+    pixels = bytes(range(256)) * (3 * 2**20 // 256)  # 3 MiB, above the deferral threshold
+    ds = make(Rows=1024, Columns=1024, SamplesPerPixel=3, PixelData=pixels)
+    ds.PhotometricInterpretation = "RGB"
+    data = _encoded(ds)
+    with memoryview(data) as view:
+        parts = [data[:500], view[500:]]
+        tracemalloc.start()
+        try:
+            meta = describe(read_dataset(parts))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, f"{peak} bytes allocated to read a header"
+        assert meta.rows == 1024
+        reader = PartsReader(parts)
+        assert reader.read() == data
+        reader.seek(-10, io.SEEK_END)
+        assert reader.read(100) == data[-10:]
+        entry = Spool(tmp_path).write(meta.sop_instance_uid, parts)
+    assert entry.path.read_bytes() == data
+    assert entry.size_bytes == len(data)
+    assert entry.sha256 == Spool(tmp_path / "b").write(meta.sop_instance_uid, data).sha256
+
+
+def test_a_deferred_pixel_data_length_is_still_checked() -> None:
+    ds = make(Rows=1024, Columns=1024, PixelData=bytes(2**20 + 4096))
+    with pytest.raises(InvalidInstance, match="pixel data longer than"):
+        describe(read_dataset(_encoded(ds)))
+    ds = make(Rows=1024, Columns=1024, PixelData=bytes(2**20 - 4096))
+    with pytest.raises(InvalidInstance, match="truncated pixel data"):
+        describe(read_dataset(_encoded(ds)))
+
+
+def test_the_handler_spools_what_pynetdicom_received_byte_for_byte(tmp_path: Path) -> None:
+    # The parts are the same bytes Event.encoded_dataset() would join: file meta, then
+    # pynetdicom's buffer (read through a view, not copied).
+    from pynetdicom.dsutils import encode_file_meta
+
+    from pacs.listener import handle_store
+    from pacs.spool import Spool
+
+    ds = make()
+    body = _encoded(ds)
+    stream = io.BytesIO(body[132 + 12 + int.from_bytes(body[140:144], "little") :])
+    meta_ds = FileMetaDataset()
+    meta_ds.MediaStorageSOPClassUID = US
+    meta_ds.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta_ds.TransferSyntaxUID = ExplicitVRLittleEndian
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta_ds) + stream.getvalue()
+    event = SimpleNamespace(
+        request=SimpleNamespace(AffectedSOPInstanceUID=ds.SOPInstanceUID, DataSet=stream),
+        context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY")),
+        file_meta=meta_ds,
+    )
+    intake = _Intake()
+    assert handle_store(event, Spool(tmp_path), intake) == 0x0000  # type: ignore[arg-type]
+    assert intake.received == [ds.SOPInstanceUID]
+    (path,) = Spool(tmp_path).entries()
+    assert path.read_bytes() == expected
+    stream.write(b"more")  # the view is released: pynetdicom's buffer is its own again

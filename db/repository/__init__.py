@@ -19,8 +19,9 @@ Concurrency, on both backends:
   LOCKED) RETURNING``: concurrent PostgreSQL workers skip each other's rows,
   and SQLite serialises the statement under its write lock.
 
-The functions live in one module per concern — ``instances`` (receiving,
-queueing, claims, predictions, counts), ``finalisation`` (results),
+The functions live in one module per concern — ``receiving`` (registering and
+refusing instances), ``queueing`` (queued and lost tasks), ``claims`` (a worker's
+batches and how they settle), ``predictions``, ``counts``, ``finalisation`` (results),
 ``model_versions``, ``labels`` (labels and hold-out), ``archive`` (backfill
 and Structured Report dispatches) and ``audit`` (the audit trail) — and are
 imported from here:
@@ -62,6 +63,18 @@ from db.repository.audit import (
     record_audit_event,
     record_audit_events,
 )
+from db.repository.claims import (
+    claim_instances,
+    mark_failed,
+    mark_rejected,
+    release_claim,
+    release_worker_claims,
+    renew_claims,
+)
+from db.repository.counts import (
+    instance_counts,
+    rejection_counts,
+)
 from db.repository.finalisation import (
     has_no_usable_image,
     patient_predictions,
@@ -70,23 +83,6 @@ from db.repository.finalisation import (
     save_study_result,
     studies_to_finalise,
     study_predictions,
-)
-from db.repository.instances import (
-    claim_instances,
-    instance_counts,
-    instances_to_requeue,
-    known_instance,
-    mark_failed,
-    mark_queued,
-    mark_rejected,
-    record_rejection,
-    register_instance,
-    register_instances,
-    rejection_counts,
-    release_claim,
-    release_worker_claims,
-    renew_claims,
-    save_predictions,
 )
 from db.repository.labels import (
     add_label,
@@ -100,6 +96,17 @@ from db.repository.model_versions import (
     set_active_model,
     set_model_status,
     upsert_model_version,
+)
+from db.repository.predictions import save_predictions
+from db.repository.queueing import (
+    instances_to_requeue,
+    mark_queued,
+)
+from db.repository.receiving import (
+    known_instance,
+    record_rejection,
+    register_instance,
+    register_instances,
 )
 
 __all__ = [

@@ -24,6 +24,9 @@ PENDING_STATES: tuple[str, ...] = ("received", "queued")
 # Not yet settled: a study with one of these is not finalised yet.
 UNSETTLED_STATES: tuple[str, ...] = ("received", "queued", "processing")
 
+# What a row holds once no worker has it.
+_UNCLAIMED: dict[str, Any] = {"claim_token": None, "claimed_at": None, "claimed_by": None}
+
 
 def _now(now: datetime | None) -> datetime:
     if now is None:

@@ -48,6 +48,16 @@ _CONTEXTS_SHOWN = 5
 _REFUSAL_LOG_INTERVAL = 10.0
 
 
+def refusal_reason(assoc: Any) -> str:
+    """Why an association was refused, in words, from its A-ASSOCIATE-RJ."""
+    answer = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+    key = (
+        int(getattr(answer, "result_source", 0) or 0),
+        int(getattr(answer, "diagnostic", 0) or 0),
+    )
+    return _REJECT_REASONS.get(key, "rejected")
+
+
 def peer(assoc: Any) -> dict[str, str]:
     """Calling and called AE titles and the address of an association's requestor: what
     the listener's logs say about a peer (no patient data)."""
@@ -128,13 +138,7 @@ class Admission:
         assoc = event.assoc
         with self._lock:
             self._holding.discard(assoc)
-        answer = getattr(assoc.acceptor, "primitive", None)
-        key = (int(getattr(answer, "result_source", 0)), int(getattr(answer, "diagnostic", 0)))
-        logger.warning(
-            "association refused: %s",
-            _REJECT_REASONS.get(key, "rejected"),
-            extra=peer(assoc),
-        )
+        logger.warning("association refused: %s", refusal_reason(assoc), extra=peer(assoc))
 
     def accepted(self, event: Any) -> None:
         """EVT_ACCEPTED: one log line naming the presentation contexts refused, if any:

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.records import InstanceRecord, RegisterOutcome
+from db.records import AuditEvent, InstanceRecord, RegisterOutcome
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import InstanceMeta, describe, read_dataset
 from pacs.spool import Spool, SpoolEntry
@@ -75,6 +76,16 @@ class _Rejected:
     status: int
     at: dt.datetime
 
+
+@dataclass(frozen=True)
+class _Audit:
+    event: AuditEvent
+
+
+_Item = _Accepted | _Rejected | _Audit
+
+#: Audit events waiting to be written, at most; beyond it new ones are dropped (and counted).
+AUDIT_BACKLOG_MAX = 10_000
 
 Observer = Callable[[str, dict[str, object]], None]
 
@@ -172,6 +183,7 @@ class Intake:
         batch_max: int = 64,
         retry_seconds: float = 2.0,
         observer: Observer = _no_observer,
+        audit_max: int = AUDIT_BACKLOG_MAX,
     ) -> None:
         self._sessions = session_factory
         self._publish = publish
@@ -179,7 +191,15 @@ class Intake:
         self._retry_seconds = retry_seconds
         self._observe = observer
         self._broker = BrokerWatch()
-        self._queue: queue.Queue[_Accepted | _Rejected] = queue.Queue()
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        # Audit events: counted while queued, then kept in a backlog until written, both
+        # bounded, so that auditing never holds up an association nor grows without end.
+        self._audit_max = audit_max
+        self._audit_lock = threading.Lock()
+        self._audit_queued = 0
+        self._audit_dropped = 0
+        self._audit_backlog: deque[AuditEvent] = deque()
+        self._audit_retry_at = 0.0
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="thyrocad-intake", daemon=True)
@@ -199,6 +219,22 @@ class Intake:
 
     def association(self, outcome: str) -> None:
         self._observe("association", {"outcome": outcome})
+
+    def audit(self, event: AuditEvent) -> None:
+        """Queue an audit event, written with the next batch; dropped (and the drop
+        logged) when too many wait already, e.g. through a long database outage."""
+        with self._audit_lock:
+            if self._audit_queued + len(self._audit_backlog) >= self._audit_max:
+                self._audit_dropped += 1
+                first = self._audit_dropped == 1
+            else:
+                self._audit_queued += 1
+                first = None
+        if first is None:
+            self._idle.clear()
+            self._queue.put(_Audit(event))
+        elif first:
+            logger.error("audit backlog full (%d): new audit events dropped", self._audit_max)
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -220,22 +256,29 @@ class Intake:
         try:
             first = self._queue.get(timeout=0.2)
         except queue.Empty:
-            if self._queue.empty():
+            self._write_audit()
+            if self._queue.empty() and not self._audit_backlog:
                 self._idle.set()
             return []
-        batch = [first]
-        while len(batch) < self._batch_max:
+        taken = [first]
+        while len(taken) < self._batch_max:
             try:
-                batch.append(self._queue.get_nowait())
+                taken.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return batch
+        audits = [item.event for item in taken if isinstance(item, _Audit)]
+        if audits:
+            with self._audit_lock:
+                self._audit_queued -= len(audits)
+                self._audit_backlog.extend(audits)
+        return [item for item in taken if not isinstance(item, _Audit)]
 
     def _run(self) -> None:
         batch: list[_Accepted | _Rejected] = []
         while True:
             if not batch:
                 if self._stop.is_set() and self._queue.empty():
+                    self._write_audit(force=True)
                     return
                 batch = self._take_batch()
                 if not batch:
@@ -243,7 +286,8 @@ class Intake:
             try:
                 self._flush(batch)
                 batch = []
-                if self._queue.empty():
+                self._write_audit(force=True)
+                if self._queue.empty() and not self._audit_backlog:
                     self._idle.set()
             except SQLAlchemyError:
                 # The spool holds these instances; keep them and retry.
@@ -271,6 +315,29 @@ class Intake:
                         "instance re-sent with different content: replaced and re-queued",
                         extra={"instance_id": outcome.instance_id},
                     )
+
+    def _write_audit(self, force: bool = False) -> None:
+        """Write the waiting audit events in a transaction of their own; a failure keeps
+        them for a later try (after ``retry_seconds``) and never stops the intake."""
+        if not self._audit_backlog or (not force and time.monotonic() < self._audit_retry_at):
+            return
+        events = list(self._audit_backlog)
+        try:
+            with self._sessions.begin() as session:
+                repository.record_audit_events(session, events)
+        except SQLAlchemyError as exc:
+            if self._audit_retry_at == 0.0:
+                logger.warning("audit events not written yet (%s); retrying", type(exc).__name__)
+            self._audit_retry_at = time.monotonic() + self._retry_seconds
+            return
+        except Exception:
+            # An event the repository refuses will be refused again: drop it, loudly,
+            # rather than stop registering instances.
+            logger.exception("%d audit events refused by the repository; dropped", len(events))
+        self._audit_retry_at = 0.0
+        with self._audit_lock:
+            for _ in events:
+                self._audit_backlog.popleft()
 
 
 def _dedupe(records: Iterable[InstanceRecord]) -> list[InstanceRecord]:

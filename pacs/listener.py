@@ -35,7 +35,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from db.records import AuditEvent
 from pacs.admission import Admission
+from pacs.association_audit import AssociationAudit
 from pacs.association_io import TransportLimits, tune_association
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import (
@@ -141,6 +143,8 @@ class Intake(Protocol):
 
     def association(self, outcome: str) -> None: ...
 
+    def audit(self, event: AuditEvent) -> None: ...
+
 
 def _calling_aet(event: Any) -> str:
     try:
@@ -149,8 +153,18 @@ def _calling_aet(event: Any) -> str:
         return ""
 
 
-def handle_store(event: Any, spool: Spool, intake: Intake) -> int:
-    """EVT_C_STORE: validate the header, spool the bytes, return the DIMSE status."""
+def handle_store(
+    event: Any, spool: Spool, intake: Intake, audit: AssociationAudit | None = None
+) -> int:
+    """EVT_C_STORE: validate the header, spool the bytes, return the DIMSE status
+    (counted for the association's audit event)."""
+    status = _store(event, spool, intake)
+    if audit is not None:
+        audit.stored(event.assoc, status)
+    return status
+
+
+def _store(event: Any, spool: Spool, intake: Intake) -> int:
     calling = _calling_aet(event)
     # The C-STORE request names the instance even when its data set does not (or is not
     # DICOM at all): a rejection then still says which instance it was.
@@ -222,12 +236,14 @@ def start_listener(
     """Start the SCP in background threads and return the server (call ``shutdown()``)."""
     ae = make_ae(config)
     admission = Admission(config.max_associations)
+    audit = AssociationAudit(intake.audit)
     limits = TransportLimits(config.max_pdu_size, config.acse_timeout, config.network_timeout)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool, intake]),
+        (evt.EVT_C_STORE, handle_store, [spool, intake, audit]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, tune_association, [limits]),
         *admission.handlers(),
+        *audit.handlers(),
         (evt.EVT_ACCEPTED, lambda event: intake.association("accepted")),
         (evt.EVT_REJECTED, lambda event: intake.association("refused")),
     ]

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from thyrocad.commands import archive, learning, models, pipeline
+from thyrocad.commands import archive, audit, learning, models, pipeline
 from thyrocad.commands.common import State, fail
 from thyrocad.errors import explain, settings_message
 from thyrocad.logs import configure_logging
@@ -82,7 +82,7 @@ app = typer.Typer(
     # Locals can hold a database URL with its password.
     pretty_exceptions_show_locals=False,
 )
-for module in (models, pipeline, learning, archive):
+for module in (models, pipeline, learning, archive, audit):
     app.registered_commands += module.app.registered_commands
 app.add_typer(models.models_app, name="models")
 app.add_typer(pipeline.db_app, name="db")
@@ -126,6 +126,10 @@ def main_options(
         State.settings.log_json,
         local_broker=State.settings.broker_url.startswith("filesystem://"),
     )
+    if State.settings.audit_syslog:
+        from thyrocad.audit_log import configure_audit_syslog  # loads the database layer
+
+        configure_audit_syslog(State.settings.audit_syslog)
 
 
 def main() -> None:

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+    # Every audit event also as an RFC 5424 syslog message: udp://host[:port],
+    # unix:///path or a socket path. Empty: the audit trail is in the database only.
+    audit_syslog: str = ""
 
     @field_validator("allowed_aets", "classes", mode="before")
     @classmethod
@@ -114,6 +117,19 @@ class Settings(BaseSettings):
         value = value.strip().upper()
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("a log level is DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("audit_syslog")
+    @classmethod
+    def _check_audit_syslog(cls, value: str) -> str:
+        value = value.strip()
+        # The forms thyrocad.audit_log.parse_target reads (TCP would need RFC 6587 framing).
+        if value and not re.fullmatch(
+            r"udp://(\[[0-9a-fA-F:]+\]|[^\s/:\[\]]+)(:\d{1,5})?|(unix://)?/\S+", value
+        ):
+            raise ValueError(
+                "THYROCAD_AUDIT_SYSLOG must be udp://host[:port], unix:///path or a socket path"
+            )
         return value
 
     @field_validator("sr_destination")

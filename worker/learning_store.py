@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, exists, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
+from db.repository.audit import REFIT, default_actor, record_audit_event
 from db.schema import (
     Holdout,
     Instance,
@@ -252,7 +253,10 @@ def finish_run(
     metrics: dict[str, Any] | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> bool:
-    """Close a ``running`` run with its outcome; False if it was not running any more."""
+    """Close a ``running`` run with its outcome; False if it was not running any more.
+
+    A closed run is audited (``refit``) in the same transaction.
+    """
     values: dict[str, Any] = {
         "outcome": outcome,
         "reason": reason,
@@ -270,7 +274,23 @@ def finish_run(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    closed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if closed:
+        record_audit_event(
+            session,
+            REFIT,
+            actor=default_actor(),
+            outcome="failure" if outcome == "failed" else "success",
+            details={
+                "training_run_id": run_id,
+                "result": outcome,
+                "candidate_version": candidate_version,
+                "duration_s": None if duration_s is None else round(duration_s, 1),
+                "reason": reason,
+            },
+            now=now,
+        )
+    return closed
 
 
 def last_completed_watermark(session: Session) -> int:

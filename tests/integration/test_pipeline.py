@@ -107,6 +107,16 @@ def test_studies_flow_to_results_and_views(pipeline: Pipeline, tmp_path: Path) -
     status = json.loads(cli("status", "--json", env=pipeline.env).stdout)
     assert status["instances"]["predicted"] == total
     assert status["active_model"]
+    # The audit trail: each association, and what each stored.
+    ended = "SELECT count(*) FROM audit_events WHERE kind = 'instances_received'"
+    wait_for(lambda: pipeline.scalar(ended) == 2, 30, "both associations' audit events")
+    audit = json.loads(cli("audit", "--json", env=pipeline.env).stdout)
+    opened = {e["actor"] for e in audit if e["kind"] == "association"}
+    counts = [e for e in audit if e["kind"] == "instances_received"]
+    stored = {e["actor"]: e["details"]["stored"] for e in counts}
+    assert opened == {"MODALITY1", "DCMTK"}
+    assert stored == {"MODALITY1": len(files), "DCMTK": len(more)}
+    assert {"model_promoted", "results_read"} <= {e["kind"] for e in audit}
 
 
 def test_killed_worker_loses_nothing_and_predicts_once(pipeline: Pipeline, tmp_path: Path) -> None:

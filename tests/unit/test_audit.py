@@ -3,6 +3,7 @@ the repository writes itself, and the RFC 5424 syslog copy received on loopback 
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +23,7 @@ from db.records import AuditEvent
 from tests.db_fixtures import T0, at, fresh_sqlite_url, instance_rec, migrated_engine, model_rec
 from tests.db_fixtures import register_all as register
 from thyrocad.audit_log import configure_audit_syslog, parse_target
+from thyrocad.settings import load_settings
 
 
 @pytest.fixture
@@ -264,6 +267,9 @@ def test_syslog_targets() -> None:
     for bad in ("tcp://siem:514", "siem:514", "udp://"):
         with pytest.raises(ValueError, match="audit syslog"):
             parse_target(bad)
+        with pytest.raises(ValidationError, match="THYROCAD_AUDIT_SYSLOG"):
+            load_settings(audit_syslog=bad)
+    assert load_settings(audit_syslog=" udp://[::1]:5514 ").audit_syslog == "udp://[::1]:5514"
 
 
 def test_a_backfill_run_is_audited_from_start_to_end(sessions: sessionmaker[Session]) -> None:
@@ -288,3 +294,70 @@ def test_a_backfill_run_is_audited_from_start_to_end(sessions: sessionmaker[Sess
     assert (finished.details["requested"], finished.details["failed"]) == (2, 1)
     assert finished.details["interrupted"] is False
     assert not any(s.study_instance_uid in repr(events) for s in archive.studies)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_audit_command_lists_filters_and_says_when_empty(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from db.engine import make_engine, upgrade
+    from thyrocad.cli import app
+
+    url = f"sqlite:///{tmp_path / 'thyrocad.sqlite'}"
+    upgrade(url)
+
+    def audit(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(
+            app,
+            ["audit", *args],
+            env={"THYROCAD_DATA_DIR": str(tmp_path), "DATABASE_URL": ""},
+            catch_exceptions=False,
+        )
+        return result.exit_code, result.stdout, result.stderr
+
+    assert audit()[:2] == (0, "no audit events\n")
+    engine = make_engine(url)
+    with make_session_factory(engine).begin() as session:
+        repo.record_audit_event(session, "association", actor="MODALITY1", now=T0)
+        repo.record_audit_event(
+            session,
+            "results_read",
+            actor="alice",
+            details={"query": "results", "rows": 3},
+            now=at(60),
+        )
+    engine.dispose()
+    code, out, err = audit()
+    assert code == 0 and "database:" in err
+    assert "2025-03-01 08:00:00" in out and "MODALITY1" in out
+    assert "query=results, rows=3" in out
+    _, out, _ = audit("--kind", "results_read", "--json")
+    (only,) = json.loads(out)
+    assert (only["actor"], only["details"]) == ("alice", {"query": "results", "rows": 3})
+    _, out, _ = audit("--since", "2025-03-01T08:00:30", "--json")
+    assert [e["kind"] for e in json.loads(out)] == ["results_read"]
+    _, out, _ = audit("--since", "2025-03-02")
+    assert out.startswith("no audit events")
+    code, _, err = audit("--since", "yesterday")
+    assert code == 1 and "--since 'yesterday'" in err
+
+
+def test_a_closed_refit_is_audited_once(sessions: sessionmaker[Session]) -> None:
+    from worker import learning_store as store
+
+    with sessions.begin() as session:
+        run_id = store.start_run(session, {"trigger": "test"}, T0)
+        assert store.finish_run(session, run_id, "failed", "too few labels", at(2), duration_s=2.04)
+        assert not store.finish_run(session, run_id, "failed", "again", at(3))  # not running
+    with sessions() as session:
+        (refit,) = repo.audit_events(session, kind="refit")
+    assert (refit.outcome, refit.at) == ("failure", at(2))
+    assert refit.details == {
+        "training_run_id": run_id,
+        "result": "failed",
+        "candidate_version": None,
+        "duration_s": 2.0,
+        "reason": "too few labels",
+    }

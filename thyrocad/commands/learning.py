@@ -523,7 +523,7 @@ def models_rollback() -> None:
         if not earlier:
             raise fail("no previously active model version to roll back to")
         previous = max(earlier, key=lambda v: v.promoted_at or now)
-        repository.set_active_model(session, previous.version, now)
+        repository.set_active_model(session, previous.version, now, rollback=True)
         repository.set_model_status(
             session,
             current.version,

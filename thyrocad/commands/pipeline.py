@@ -275,10 +275,13 @@ def results(
     from thyrocad.commands.archive import report_dicts
 
     s = settings()
-    with read_sessions(s)() as session:
+    with read_sessions(s).begin() as session:
         rows = repository.results(session, patient_key=patient, study_uid=study)
         sent = repository.sr_dispatches(session, [r.id for r in rows if r.level == "study"])
         details = _study_details(session, [r.key for r in rows if r.level == "study"])
+        # Which kind of query and how many rows: never the patient or study asked for.
+        by = "patient" if patient else "study" if study else "all"
+        audit_read(session, "results", {"by": by, "rows": len(rows)})
     say_database(s)
     data = [_result_dict(r) for r in rows]
     for r in data:
@@ -292,6 +295,16 @@ def results(
         # Never cut a UID: a narrow terminal wraps the line, it does not lose characters.
         wider = Console(file=console.file, width=max(console.width, 1000 if wide else 100))
         wider.print(_results_table(data, s.classes) if wide else _reader_table(data))
+
+
+def audit_read(session: Any, query: str, details: dict[str, Any]) -> None:
+    """Audit a read of results through this CLI, by this OS user (no patient data)."""
+    from db import repository
+    from db.repository.audit import RESULTS_READ
+
+    repository.record_audit_event(
+        session, RESULTS_READ, actor=repository.default_actor(), details={"query": query, **details}
+    )
 
 
 def _study_details(session: Any, study_uids: list[str]) -> dict[str, tuple[Any, Any]]:
@@ -384,10 +397,11 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     from worker.app import create_app, queue_depths
 
     s = settings()
-    with read_sessions(s)() as session:
+    with read_sessions(s).begin() as session:
         counts = repository.instance_counts(session)
         rejected = repository.rejection_counts(session)
         active = repository.active_model(session)
+        audit_read(session, "status", {"rows": len(counts) + len(rejected)})
     say_database(s)
     try:
         depths = queue_depths(create_app(s))

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
 
     # Metrics
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 disables the metrics endpoint
-    metrics_host: str = "0.0.0.0"
+    # Loopback unless opened on purpose: /metrics and /readyz describe the deployment.
+    metrics_host: str = "127.0.0.1"
     # Where a prefork worker keeps its per-process metric files (default: the temp folder).
     metrics_multiproc_dir: Path | None = None
 

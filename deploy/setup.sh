@@ -20,7 +20,7 @@ apt_install() {
 }
 
 if command -v apt-get >/dev/null 2>&1; then
-  apt_install dcmtk orthanc prometheus
+  apt_install dcmtk orthanc prometheus openssl
   [ $with_services -eq 1 ] && apt_install postgresql redis-server
 fi
 

@@ -17,6 +17,22 @@ LabelLevel = Literal["study", "patient"]
 
 
 @dataclass(frozen=True)
+class RefusedStudy:
+    """What the header of a refused instance says of its study and patient: enough to
+    give the study a result ("no usable images") when none of its images was usable.
+    The field names are those of :class:`InstanceRecord`."""
+
+    study_instance_uid: str
+    patient_key: str = ""
+    patient_name: str | None = None
+    patient_birth_date: date | None = None
+    patient_sex: str | None = None
+    study_date: date | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """What the listener knows about one spooled instance, ready to register.
 

@@ -215,6 +215,10 @@ class Rejection(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str | None]
+    # The study the refused instance belonged to, when its header named one: a study
+    # whose every image was refused still gets a result saying so. No foreign key, so
+    # that SQLite adds the column in place.
+    study_id: Mapped[int | None] = mapped_column(Integer, index=True)
     calling_ae_title: Mapped[str]
     reason: Mapped[str]
     dimse_status: Mapped[int] = mapped_column(Integer)

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.records import AuditEvent, InstanceRecord, RegisterOutcome
+from db.records import AuditEvent, InstanceRecord, RefusedStudy, RegisterOutcome
 from pacs.errors import InvalidInstance, SpoolError
 from pacs.meta import InstanceMeta, describe, read_dataset
 from pacs.spool import Spool, SpoolEntry
@@ -75,6 +75,7 @@ class _Rejected:
     reason: str
     status: int
     at: dt.datetime
+    study: RefusedStudy | None = None
 
 
 @dataclass(frozen=True)
@@ -211,10 +212,15 @@ class Intake:
         self._observe("accepted", {"bytes": entry.size_bytes})
 
     def rejected(
-        self, sop_instance_uid: str | None, calling_aet: str, reason: str, status: int
+        self,
+        sop_instance_uid: str | None,
+        calling_aet: str,
+        reason: str,
+        status: int,
+        study: RefusedStudy | None = None,
     ) -> None:
         self._idle.clear()
-        self._queue.put(_Rejected(sop_instance_uid, calling_aet, reason, status, utcnow()))
+        self._queue.put(_Rejected(sop_instance_uid, calling_aet, reason, status, utcnow(), study))
         self._observe("rejected", {"reason": reason, "status": status})
 
     def association(self, outcome: str) -> None:
@@ -302,7 +308,13 @@ class Intake:
             with self._sessions.begin() as session:
                 for r in rejections:
                     repository.record_rejection(
-                        session, r.sop_instance_uid, r.calling_aet, r.reason, r.status, r.at
+                        session,
+                        r.sop_instance_uid,
+                        r.calling_aet,
+                        r.reason,
+                        r.status,
+                        r.at,
+                        study=r.study,
                     )
         if records:
             outcomes = register_and_publish(

@@ -35,7 +35,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from db.records import AuditEvent
+from db.records import AuditEvent, RefusedStudy
 from pacs.admission import Admission
 from pacs.association_audit import AssociationAudit
 from pacs.association_io import TransportLimits, tune_association
@@ -48,6 +48,7 @@ from pacs.meta import (
     InstanceMeta,
     describe,
     read_dataset,
+    refused_study,
     register_storage_classes,
 )
 from pacs.received import received_parts
@@ -138,7 +139,12 @@ class Intake(Protocol):
     def accepted(self, meta: InstanceMeta, entry: SpoolEntry, calling_aet: str) -> None: ...
 
     def rejected(
-        self, sop_instance_uid: str | None, calling_aet: str, reason: str, status: int
+        self,
+        sop_instance_uid: str | None,
+        calling_aet: str,
+        reason: str,
+        status: int,
+        study: RefusedStudy | None = None,
     ) -> None: ...
 
     def association(self, outcome: str) -> None: ...
@@ -170,18 +176,25 @@ def _store(event: Any, spool: Spool, intake: Intake) -> int:
     # DICOM at all): a rejection then still says which instance it was.
     requested = str(getattr(event.request, "AffectedSOPInstanceUID", None) or "").strip()
     sop_uid: str | None = requested or None
+    study: RefusedStudy | None = None
     try:
         # File meta and a view of pynetdicom's buffer: the instance is held once, not four
         # times (see pacs.received).
         with received_parts(event) as data:
             ds = read_dataset(data)
             sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip() or sop_uid
-            meta = describe(ds, str(event.context.transfer_syntax))
-            del ds  # it reads unread values from the view, which ends with the block
+            try:
+                meta = describe(ds, str(event.context.transfer_syntax))
+            except InvalidInstance:
+                # Its study still gets a result if none of its images is usable.
+                study = refused_study(ds)
+                raise
+            finally:
+                del ds  # it reads unread values from the view, which ends with the block
             entry = spool.write(meta.sop_instance_uid, data)
     except InvalidInstance as exc:
         logger.warning("instance refused: %s", exc.reason, extra={"sop_instance_uid": sop_uid})
-        intake.rejected(sop_uid, calling, exc.reason, exc.status)
+        intake.rejected(sop_uid, calling, exc.reason, exc.status, study)
         return exc.status
     except SpoolError as exc:
         logger.error("spool write failed: %s", exc, extra={"sop_instance_uid": sop_uid})

@@ -24,6 +24,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 from pydicom.values import convert_value
 
+from db.records import RefusedStudy
 from pacs.errors import InvalidInstance
 from pacs.received import PartsReader
 
@@ -168,6 +169,25 @@ def _require_uid(ds: Dataset, keyword: str) -> str:
     if not UID(value).is_valid:
         raise InvalidInstance(f"invalid {keyword}: {value[:64]!r}", STATUS_DATASET_MISMATCH)
     return value
+
+
+def refused_study(ds: Dataset) -> RefusedStudy | None:
+    """What a refused instance's header says of its study and patient, or None when it
+    names no valid Study Instance UID (the study it belongs to cannot be known)."""
+    try:
+        study_uid = _require_uid(ds, "StudyInstanceUID")
+    except InvalidInstance:
+        return None
+    return RefusedStudy(
+        study_instance_uid=study_uid,
+        patient_key=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName") or None,
+        patient_birth_date=_date(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex") or None,
+        study_date=_date(ds, "StudyDate"),
+        accession_number=_text(ds, "AccessionNumber") or None,
+        study_description=_text(ds, "StudyDescription") or None,
+    )
 
 
 def expected_pixel_bytes(ds: Dataset) -> int | None:

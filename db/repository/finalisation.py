@@ -27,6 +27,7 @@ from db.schema import (
     Patient,
     PatientResultRow,
     Prediction,
+    Rejection,
     Study,
     StudyResultRow,
 )
@@ -61,13 +62,17 @@ def studies_to_finalise(
 
 
 def has_no_usable_image(session: Session, study_id: int) -> bool:
-    """True when the study has instances and every one ended ``rejected`` or ``failed``."""
+    """True when every instance of the study ended ``rejected`` or ``failed``, or it has
+    none and the listener refused what was sent of it."""
     states = set(
         session.execute(select(Instance.state).where(Instance.study_id == study_id).distinct())
         .scalars()
         .all()
     )
-    return bool(states) and states <= {"rejected", "failed"}
+    if states:
+        return states <= {"rejected", "failed"}
+    refused = select(Rejection.id).where(Rejection.study_id == study_id).limit(1)
+    return session.execute(refused).first() is not None
 
 
 def _default_version(session: Session, scope: Any) -> str | None:

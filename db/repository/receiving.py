@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.records import InstanceRecord, KnownInstance, RegisterOutcome
+from db.records import InstanceRecord, KnownInstance, RefusedStudy, RegisterOutcome
 from db.repository._common import _insert_for, _no_sync, _now
 from db.schema import Instance, Patient, Rejection, Series, Study, patient_key_for
 
@@ -205,7 +205,7 @@ def _upsert(
 def _upsert_patients(
     session: Session,
     statements: _RegisterStatements,
-    records: Sequence[InstanceRecord],
+    records: Sequence[InstanceRecord | RefusedStudy],
     keys: Sequence[str],
     now: datetime,
 ) -> dict[str, int]:
@@ -366,22 +366,65 @@ def record_rejection(
     reason: str,
     dimse_status: int,
     now: datetime | None = None,
+    study: RefusedStudy | None = None,
 ) -> int:
     """Store an instance refused at C-STORE and return the rejection's id.
 
+    With ``study`` (what the refused header said of its study and patient) the study
+    is registered as a received one would register it, and marked for finalisation:
+    a study none of whose images is usable gets a result saying so.
     ``reason`` must not contain patient data (it is shown in status output).
     """
+    now = _now(now)
+    study_id = _register_refused_study(session, study, now) if study else None
     return session.execute(
         insert(Rejection)
         .values(
             sop_instance_uid=sop_instance_uid or None,
+            study_id=study_id,
             calling_ae_title=calling_ae_title,
             reason=reason,
             dimse_status=dimse_status,
-            received_at=_now(now),
+            received_at=now,
         )
         .returning(Rejection.id)
     ).scalar_one()
+
+
+def _register_refused_study(session: Session, study: RefusedStudy, now: datetime) -> int:
+    statements = _register_statements(session.get_bind().dialect.name)
+    key = patient_key_for(study.patient_key, study.study_instance_uid)
+    patient_id = _upsert_patients(session, statements, [study], [key], now)[key]
+    study_id = _upsert(
+        session.connection(),
+        statements.study,
+        "study_instance_uid",
+        {
+            study.study_instance_uid: [
+                {
+                    "patient_id": patient_id,
+                    "study_date": study.study_date,
+                    "accession_number": study.accession_number or None,
+                    "description": study.study_description or None,
+                }
+            ]
+        },
+        first=("patient_id",),
+        fixed={
+            "first_received_at": now,
+            "last_received_at": now,
+            "needs_finalise": False,
+            "prediction_epoch": 0,
+        },
+    )[study.study_instance_uid]
+    # As a settled instance does: the next finalisation sees the change.
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id)
+        .values(needs_finalise=True, prediction_epoch=Study.prediction_epoch + 1)
+        .execution_options(**_no_sync())
+    )
+    return study_id
 
 
 def known_instance(session: Session, sop_instance_uid: str) -> KnownInstance | None:

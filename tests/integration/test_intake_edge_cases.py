@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 
+from db.records import NO_USABLE_IMAGES
 from pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset
 from tests.db_fixtures import fresh_postgres_url, postgres_unavailable_reason
 from tests.integration.conftest import cli
@@ -620,6 +621,21 @@ def test_each_case_gets_its_status_and_stored_answer(site: Site, name: str) -> N
         assert reason_class(row["reason"]) == case.reason_class
     if case.check is not None:
         case.check(row)
+
+
+def test_a_study_refused_entirely_gets_a_result_saying_so(site: Site) -> None:
+    # Each case is a study of its own. One refused with a valid Study Instance UID in its
+    # header gets a result without a finding; one whose header names no study cannot.
+    def reason(name: str) -> object:
+        with site.pipeline.engine.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT reason FROM study_results_latest WHERE study_instance_uid = :u"),
+                {"u": _uids(name)["study"]},
+            ).scalar()
+
+    for name in ("no_pixel_data", "truncated_pixel_data", "wrong_sop_class"):
+        wait_for(lambda n=name: reason(n) == NO_USABLE_IMAGES, 60, f"a result for {name}")
+    assert reason("missing_study_uid") is None
 
 
 def test_retired_classes_are_stored_under_their_own_class(site: Site) -> None:

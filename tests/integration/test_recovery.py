@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from db import repository as repo
 from db.engine import make_session_factory
-from db.records import NO_USABLE_IMAGES
+from db.records import NO_USABLE_IMAGES, RefusedStudy
 from pacs.pixels import FramePolicy
 from pacs.sender import SendReport, send_files
 from pacs.spool import Spool
@@ -257,6 +257,12 @@ def test_a_study_whose_every_image_was_rejected_gets_a_result(pg_url: str) -> No
             for instance_id in bad:
                 assert repo.mark_rejected(session, instance_id, "undecodable", at(6), token="t")
             repo.save_predictions(session, [prediction(good[0], 0.9)], "t", now=at(6))
+            # Refused by the listener: a study with nothing else, and one more image of a
+            # study whose other image is usable.
+            for uid, study in (("1.2.7.1", "1.2.7"), ("1.2.8.2", "1.2.8")):
+                repo.record_rejection(
+                    session, uid, "MOD", "no pixel data", 0xA900, at(5), study=RefusedStudy(study)
+                )
         settings = load_settings(
             database_url=pg_url,
             study_idle_seconds=1.0,
@@ -273,10 +279,12 @@ def test_a_study_whose_every_image_was_rejected_gets_a_result(pg_url: str) -> No
             claims=ClaimBook("test/0"),
         )
         done = finalise_due(ctx, now=at(60))
-        assert {f.study.key for f in done} == {"1.2.9", "1.2.8"}
+        assert {f.study.key for f in done} == {"1.2.9", "1.2.8", "1.2.7"}
         with sessions() as session:
             (unusable,) = repo.results(session, study_uid="1.2.9")
             (usable,) = repo.results(session, study_uid="1.2.8")
+            (refused,) = repo.results(session, study_uid="1.2.7")
+        assert refused.reason == NO_USABLE_IMAGES and refused.image_count == 0
         assert unusable.reason == NO_USABLE_IMAGES and not unusable.has_finding
         assert unusable.label == NO_USABLE_IMAGES and math.isnan(unusable.probability)
         assert unusable.image_count == 0
@@ -289,6 +297,7 @@ def test_a_study_whose_every_image_was_rejected_gets_a_result(pg_url: str) -> No
                 )
             ).all()
         assert [tuple(r) for r in rows] == [
+            ("1.2.7", None, None, NO_USABLE_IMAGES),
             ("1.2.8", "thyroiditis", pytest.approx(0.9), None),
             ("1.2.9", None, None, NO_USABLE_IMAGES),
         ]

@@ -164,14 +164,21 @@ class _Intake:
     def __init__(self) -> None:
         self.rejections: list[tuple[str | None, str, int]] = []
         self.received: list[str] = []
+        self.studies: list[Any] = []
 
     def accepted(self, meta: Any, entry: Any, calling_aet: str) -> None:
         self.received.append(meta.sop_instance_uid)
 
     def rejected(
-        self, sop_instance_uid: str | None, calling: str, reason: str, status: int
+        self,
+        sop_instance_uid: str | None,
+        calling: str,
+        reason: str,
+        status: int,
+        study: Any = None,
     ) -> None:
         self.rejections.append((sop_instance_uid, reason, status))
+        self.studies.append(study)
 
 
 def _store(

@@ -65,7 +65,7 @@ CASES = [
         "metrics port in use",
         ["worker", "--pool", "solo", "--queues", "maintenance"],
         {"THYROCAD_METRICS_PORT": "{taken}"},
-        "error: port {taken} on 0.0.0.0 is already in use",
+        "error: port {taken} on 127.0.0.1 is already in use",
     ),
     (
         "port out of range",

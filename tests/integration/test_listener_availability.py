@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,6 +241,7 @@ def test_a_flood_and_an_oversized_pdu_leave_storescu_storing(tmp_path: Path, pg_
             sock.sendall(half)
             held.append(sock)
         took = seconds_until_stored(served.port, files[1])
+        sys.stderr.write(f"\nstorescu stored {took:.2f} s into a flood of 56 sockets\n")
         assert took < 5.0, f"storescu needed {took:.1f} s during the flood"
         assert dcmtk("echoscu", served.port)
         # The listener lets the half-open ones go at the ARTIM deadline (5 s).
@@ -255,6 +257,11 @@ def test_a_flood_and_an_oversized_pdu_leave_storescu_storing(tmp_path: Path, pg_
         assert took < 5.0
         time.sleep(1.0)
         after_rss = served.rss_kib()
+        sys.stderr.write(
+            f"oversized PDU: aborted after {sent / 2**20:.1f} MiB; storescu then {took:.2f} s; "
+            f"RSS {idle_rss / 1024:.1f} -> {after_rss / 1024:.1f} MiB "
+            f"({after_rss / idle_rss:.3f} x)\n"
+        )
         assert after_rss <= idle_rss * 1.10, f"RSS {idle_rss} -> {after_rss} KiB"
         log = served.text()
     assert "A-ABORT: PDU longer than we accept" in log

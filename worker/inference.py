@@ -74,7 +74,9 @@ def claim(ctx: WorkerContext, limit: int, token: str) -> list[ClaimedInstance]:
             )
         if len(claimed) >= limit or time.monotonic() >= deadline:
             return claimed
-        if not claimed and settings.batch_wait_seconds <= 0:
+        if not claimed:
+            # Nothing to start a batch with: other drains have it, and what arrives later
+            # comes with a task of its own. Waiting would only hold this worker.
             return claimed
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 

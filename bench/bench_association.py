@@ -54,7 +54,7 @@ def receive(groups: list[list[Path]], tuned: bool, workdir: Path) -> tuple[float
     from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import UltrasoundImageStorage  # type: ignore[attr-defined]
 
-    from pacs.association_io import tune_association
+    from thyrocad.pacs.association_io import tune_association
 
     # Read when an association is made: set per round.
     _config.LOG_HANDLER_LEVEL = "none" if tuned else "standard"

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
 
-from models.architectures import build_model  # noqa: E402
-from models.classifier import Classifier  # noqa: E402
+from thyrocad.models.architectures import build_model  # noqa: E402
+from thyrocad.models.classifier import Classifier  # noqa: E402
 
 
 def machine() -> str:

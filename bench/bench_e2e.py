@@ -109,8 +109,8 @@ def bare_rate(
 
 
 def run(arch: str, args: argparse.Namespace, workdir: Path) -> Outcome:
-    from models.registry import Registry
-    from pacs.pixels import images_from_file
+    from thyrocad.models.registry import Registry
+    from thyrocad.pacs.pixels import images_from_file
 
     n_studies = math.ceil(args.instances / PER_STUDY)
     rounds = [

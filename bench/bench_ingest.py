@@ -137,8 +137,8 @@ def vgg19(size: int, batch: int) -> Callable[[int], float]:
     images/s of its compiled call at ``batch``, median of ``repeats`` calls."""
     import keras
 
-    from models.architectures import build_model
-    from models.classifier import Classifier
+    from thyrocad.models.architectures import build_model
+    from thyrocad.models.classifier import Classifier
 
     keras.utils.set_random_seed(0)
     model = build_model("vgg19", input_size=size, weights=None)

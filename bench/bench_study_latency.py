@@ -65,8 +65,8 @@ class Outcome:
 
 def bare_rate(p: Pipeline, files: list[Path], batch: int, seconds: float) -> float:
     """Images/s of the active model's compiled call (Classifier.predict) at ``batch``."""
-    from models.registry import Registry
-    from pacs.pixels import images_from_file
+    from thyrocad.models.registry import Registry
+    from thyrocad.pacs.pixels import images_from_file
 
     registry = Registry(p.data_dir / "models")
     active = registry.active()

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.training import TrainConfig, TrainResult, train  # noqa: E402
+from thyrocad.models.training import TrainConfig, TrainResult, train  # noqa: E402
 
 PER_PATIENT = 5  # the paper: five images per patient
 TARGET_SPEEDUP = 40.0

@@ -194,7 +194,7 @@ def _screen_templates(kind: str, size: int, count: int, seed: int) -> list[np.nd
     1.44 MB screen once framed like a scanner's)."""
     from PIL import Image
 
-    from models.synth import synth_patient
+    from thyrocad.models.synth import synth_patient
 
     rng = np.random.default_rng(seed)
     tissues: list[np.ndarray] = []
@@ -236,7 +236,7 @@ def write_studies(
     """
     from pydicom import dcmwrite
 
-    from pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset
+    from thyrocad.pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset
 
     if kind not in ("grey", "rgb"):
         raise ValueError("kind is 'grey' or 'rgb'")
@@ -401,11 +401,11 @@ def register_model(arch: str, size: int, registry: Path, env: Mapping[str, str])
     save it as a registry version and make it the active model; return the version."""
     import keras
 
-    from db.engine import upgrade
-    from models.architectures import build_model
-    from models.registry import Registry
+    from thyrocad.db.engine import upgrade
+    from thyrocad.models.architectures import build_model
+    from thyrocad.models.registry import Registry
     from thyrocad.settings import load_settings
-    from worker.versions import promote_version
+    from thyrocad.worker.versions import promote_version
 
     keras.utils.set_random_seed(0)
     model = build_model(arch, classes=CLASSES, input_size=size, weights=None)
@@ -564,7 +564,7 @@ def pipeline(
         if model is not None:
             register_model(model[0], model[1], p.data_dir / "models", p.env)
         else:
-            from db.engine import upgrade
+            from thyrocad.db.engine import upgrade
 
             upgrade(db_url)
         try:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import DbError
+from thyrocad.db.errors import DbError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 

@@ -11,8 +11,8 @@ import re
 
 from sqlalchemy import Engine, text
 
-from db.errors import UnsupportedDatabase
-from db.views import VIEW_NAMES
+from thyrocad.db.errors import UnsupportedDatabase
+from thyrocad.db.views import VIEW_NAMES
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 

@@ -33,6 +33,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Text,
     UniqueConstraint,
@@ -57,6 +58,7 @@ MODEL_STATUSES: tuple[str, ...] = ("candidate", "active", "retired", "rejected")
 TRAINING_OUTCOMES: tuple[str, ...] = ("running", "promoted", "candidate", "failed")
 SR_DISPATCH_STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
 AUDIT_OUTCOMES: tuple[str, ...] = ("success", "refused", "failure")
+WEB_ROLES: tuple[str, ...] = ("reader", "labeller")
 
 
 def patient_key_for(patient_id: str | None, study_instance_uid: str) -> str:
@@ -444,3 +446,38 @@ class AuditEventRow(Base):
     actor: Mapped[str]
     outcome: Mapped[str]
     details: Mapped[dict[str, Any]]
+
+
+class WebUser(Base):
+    """Someone who may sign in to the web page. Disabled, never deleted: the audit
+    trail names users, and those names must keep meaning someone."""
+
+    __tablename__ = "web_users"
+    __table_args__ = (CheckConstraint(_in_list("role", WEB_ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(unique=True)
+    password_hash: Mapped[str]  # argon2id, salted; never the password
+    role: Mapped[str]
+    disabled: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
+    created_at: Mapped[datetime]
+    last_login_at: Mapped[datetime | None]
+
+
+class EvidenceMap(Base):
+    """The class-activation map of one prediction: an 8-bit grey PNG at the grid of the
+    convolutional layer it weighs (14 x 14 for VGG-19 at 224), covering the whole model
+    input (the cropped, resized image the model saw; ``pacs.pixels`` makes it again),
+    255 at the map's peak. Computed by the worker with the prediction's own model
+    version and preprocessing; the web page scales it up over the image."""
+
+    __tablename__ = "evidence_maps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), unique=True
+    )
+    method: Mapped[str]  # "grad-cam"
+    layer: Mapped[str]  # the convolutional layer whose activations it weighs
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]

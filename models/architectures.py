@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from models.errors import ModelsError, WeightsNotAvailable
+from thyrocad.models.errors import ModelsError, WeightsNotAvailable
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import keras
 import numpy as np
 
-import models.architectures  # noqa: F401  registers BackbonePreprocessing for loading
-from models.errors import ModelsError, RegistryError
+import thyrocad.models.architectures  # noqa: F401  registers BackbonePreprocessing for loading
+from thyrocad.models.errors import ModelsError, RegistryError
 
 logger = logging.getLogger(__name__)
 

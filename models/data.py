@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from models.errors import DatasetError
+from thyrocad.models.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models import scoring
-from models.aggregation import RULES, combine
-from models.errors import EvaluationError
-from models.scoring import METRIC_NAMES
+from thyrocad.models import scoring
+from thyrocad.models.aggregation import RULES, combine
+from thyrocad.models.errors import EvaluationError
+from thyrocad.models.scoring import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import EvaluationReport, LevelReport, Metric
-from models.scoring import METRIC_NAMES
+from thyrocad.models.evaluation import EvaluationReport, LevelReport, Metric
+from thyrocad.models.scoring import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 

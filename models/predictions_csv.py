@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import EvaluationError
+from thyrocad.models.errors import EvaluationError
 
 
 def read_predictions_csv(path: Path) -> tuple[list[str], np.ndarray, list[str], tuple[str, ...]]:

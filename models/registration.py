@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import evaluate
-from models.evaluation_report import report_to_json
-from models.registry import Registry
-from models.training import TrainConfig
-from models.training import train as train_model
+from thyrocad.models.evaluation import evaluate
+from thyrocad.models.evaluation_report import report_to_json
+from thyrocad.models.registry import Registry
+from thyrocad.models.training import TrainConfig
+from thyrocad.models.training import train as train_model
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from models.classifier import Classifier, load_classifier
-from models.errors import RegistryError
+from thyrocad.models.classifier import Classifier, load_classifier
+from thyrocad.models.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from models.architectures import (
+from thyrocad.models.architectures import (
     ARCHITECTURES,
     DEFAULT_CLASSES,
     assemble_model,
@@ -32,9 +32,9 @@ from models.architectures import (
     get_spec,
     split_frozen,
 )
-from models.classifier import compiled_call
-from models.data import Split, augment, class_counts, fingerprint, split_by_patient
-from models.errors import DatasetError, ModelsError
+from thyrocad.models.classifier import compiled_call
+from thyrocad.models.data import Split, augment, class_counts, fingerprint, split_by_patient
+from thyrocad.models.errors import DatasetError, ModelsError
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from pacs.errors import PacsError
-from pacs.listener import ACCEPTED_TRANSFER_SYNTAXES, Intake, handle_store
-from pacs.meta import ULTRASOUND_SOP_CLASSES
-from pacs.sender import Peer, associate
-from pacs.spool import Spool
+from thyrocad.pacs.errors import PacsError
+from thyrocad.pacs.listener import ACCEPTED_TRANSFER_SYNTAXES, Intake, handle_store
+from thyrocad.pacs.meta import ULTRASOUND_SOP_CLASSES
+from thyrocad.pacs.sender import Peer, associate
+from thyrocad.pacs.spool import Spool
 
 logger = logging.getLogger(__name__)
 

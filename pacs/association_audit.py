@@ -21,10 +21,10 @@ from typing import Any
 
 from pynetdicom import evt
 
-from db.records import AuditEvent
-from db.repository.audit import ASSOCIATION, INSTANCES_RECEIVED
-from pacs.admission import peer, refusal_reason
-from pacs.meta import STATUS_SUCCESS
+from thyrocad.db.records import AuditEvent
+from thyrocad.db.repository.audit import ASSOCIATION, INSTANCES_RECEIVED
+from thyrocad.pacs.admission import peer, refusal_reason
+from thyrocad.pacs.meta import STATUS_SUCCESS
 
 Sink = Callable[[AuditEvent], None]
 

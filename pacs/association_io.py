@@ -41,7 +41,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ
 
-from pacs.admission import peer
+from thyrocad.pacs.admission import peer
 
 logger = logging.getLogger(__name__)
 

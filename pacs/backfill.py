@@ -26,13 +26,19 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
-from db.records import AuditOutcome
-from db.repository import StudyProgress
-from db.repository.audit import BACKFILL_FINISHED, BACKFILL_STARTED
-from pacs.archive import ArchiveClient, FoundStudy, RateLimiter, RetrieveOutcome, StudyFilter
-from pacs.listener import Intake
-from pacs.spool import Spool
+from thyrocad.db import repository
+from thyrocad.db.records import AuditOutcome
+from thyrocad.db.repository import StudyProgress
+from thyrocad.db.repository.audit import BACKFILL_FINISHED, BACKFILL_STARTED
+from thyrocad.pacs.archive import (
+    ArchiveClient,
+    FoundStudy,
+    RateLimiter,
+    RetrieveOutcome,
+    StudyFilter,
+)
+from thyrocad.pacs.listener import Intake
+from thyrocad.pacs.spool import Spool
 
 logger = logging.getLogger(__name__)
 

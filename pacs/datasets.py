@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import ImageRecord, discover
-from models.errors import DatasetError
-from pacs.errors import PixelError
-from pacs.pixels import FramePolicy, images_from_file
+from thyrocad.models.data import ImageRecord, discover
+from thyrocad.models.errors import DatasetError
+from thyrocad.pacs.errors import PixelError
+from thyrocad.pacs.pixels import FramePolicy, images_from_file
 
 logger = logging.getLogger(__name__)
 

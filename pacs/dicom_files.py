@@ -29,7 +29,7 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
-from pacs.pixels import content_box
+from thyrocad.pacs.pixels import content_box
 
 logger = logging.getLogger(__name__)
 

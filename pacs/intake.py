@@ -24,11 +24,11 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
-from db.records import AuditEvent, InstanceRecord, RefusedStudy, RegisterOutcome
-from pacs.errors import InvalidInstance, SpoolError
-from pacs.meta import InstanceMeta, describe, read_dataset
-from pacs.spool import Spool, SpoolEntry
+from thyrocad.db import repository
+from thyrocad.db.records import AuditEvent, InstanceRecord, RefusedStudy, RegisterOutcome
+from thyrocad.pacs.errors import InvalidInstance, SpoolError
+from thyrocad.pacs.meta import InstanceMeta, describe, read_dataset
+from thyrocad.pacs.spool import Spool, SpoolEntry
 
 logger = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from db.records import AuditEvent, RefusedStudy
-from pacs.admission import Admission
-from pacs.association_audit import AssociationAudit
-from pacs.association_io import TransportLimits, tune_association
-from pacs.errors import InvalidInstance, SpoolError
-from pacs.meta import (
+from thyrocad.db.records import AuditEvent, RefusedStudy
+from thyrocad.pacs.admission import Admission
+from thyrocad.pacs.association_audit import AssociationAudit
+from thyrocad.pacs.association_io import TransportLimits, tune_association
+from thyrocad.pacs.errors import InvalidInstance, SpoolError
+from thyrocad.pacs.meta import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -51,8 +51,8 @@ from pacs.meta import (
     refused_study,
     register_storage_classes,
 )
-from pacs.received import received_parts
-from pacs.spool import Spool, SpoolEntry
+from thyrocad.pacs.received import received_parts
+from thyrocad.pacs.spool import Spool, SpoolEntry
 
 logger = logging.getLogger(__name__)
 

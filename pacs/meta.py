@@ -24,9 +24,9 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 from pydicom.values import convert_value
 
-from db.records import RefusedStudy
-from pacs.errors import InvalidInstance
-from pacs.received import PartsReader
+from thyrocad.db.records import RefusedStudy
+from thyrocad.pacs.errors import InvalidInstance
+from thyrocad.pacs.received import PartsReader
 
 # DIMSE C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_SUCCESS = 0x0000

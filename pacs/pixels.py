@@ -51,7 +51,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from pacs.errors import PixelError
+from thyrocad.pacs.errors import PixelError
 
 logger = logging.getLogger(__name__)
 

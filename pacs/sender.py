@@ -21,7 +21,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs.errors import SendError
+from thyrocad.pacs.errors import SendError
 
 logger = logging.getLogger(__name__)
 

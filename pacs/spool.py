@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacs.errors import SpoolError
+from thyrocad.pacs.errors import SpoolError
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from pacs.dicom_files import uid_from
-from pacs.sender import Peer, associate
+from thyrocad.pacs.dicom_files import uid_from
+from thyrocad.pacs.sender import Peer, associate
 
 logger = logging.getLogger(__name__)
 

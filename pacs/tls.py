@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacs.errors import PacsError
+from thyrocad.pacs.errors import PacsError
 
 
 class TlsError(PacsError):

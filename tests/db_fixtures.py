@@ -37,8 +37,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import (
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import (
     current_revision,
     downgrade,
     head_revision,
@@ -46,9 +46,14 @@ from db.engine import (
     make_session_factory,
     upgrade,
 )
-from db.errors import RepositoryError
-from db.records import InstanceRecord, ModelVersionRecord, PredictionRecord, RegisterOutcome
-from db.schema import (
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import (
+    InstanceRecord,
+    ModelVersionRecord,
+    PredictionRecord,
+    RegisterOutcome,
+)
+from thyrocad.db.schema import (
     UNKNOWN_PATIENT_PREFIX,
     Base,
     Instance,
@@ -59,7 +64,7 @@ from db.schema import (
     Study,
     StudyResultRow,
 )
-from db.views import VIEW_NAMES
+from thyrocad.db.views import VIEW_NAMES
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -238,7 +243,7 @@ def run_upgrade_processes(url: str, count: int = 2) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
-    code = "import sys; from db.engine import upgrade; upgrade(sys.argv[1])"
+    code = "import sys; from thyrocad.db.engine import upgrade; upgrade(sys.argv[1])"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, url], cwd=root, env=env, stderr=subprocess.PIPE, text=True

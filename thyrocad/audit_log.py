@@ -27,8 +27,8 @@ from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
-from db.records import AuditEventRecord
-from db.repository.audit import AUDIT_LOGGER
+from thyrocad.db.records import AuditEventRecord
+from thyrocad.db.repository.audit import AUDIT_LOGGER
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from sqlalchemy.engine import Engine
 
-    from pacs.spool import Spool
+    from thyrocad.pacs.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def probe_engine(url: str) -> Engine:
     """An engine for health checks and scrapes: no pool, short connect timeout."""
     from sqlalchemy.pool import NullPool
 
-    from db.engine import is_sqlite, make_engine
+    from thyrocad.db.engine import is_sqlite, make_engine
 
     kwargs: dict[str, Any] = {"poolclass": NullPool}
     if not is_sqlite(url) and url.startswith("postgresql"):
@@ -40,7 +40,7 @@ def probe_app(settings: Settings) -> Celery:
     """A Celery app that only inspects the broker, failing fast when it is down."""
     from celery import Celery
 
-    from worker.app import broker_options
+    from thyrocad.worker.app import broker_options
 
     app = Celery("thyrocad-probe", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
@@ -97,7 +97,7 @@ class ClusterCollector:
     """
 
     def __init__(self, settings: Settings) -> None:
-        from db.engine import make_session_factory
+        from thyrocad.db.engine import make_session_factory
 
         self._sessions = make_session_factory(probe_engine(settings.db_url))
         self._app = probe_app(settings)
@@ -106,8 +106,8 @@ class ClusterCollector:
         return cluster_families()
 
     def collect(self) -> Iterator[Any]:
-        from db import repository
-        from worker.app import queue_depths
+        from thyrocad.db import repository
+        from thyrocad.worker.app import queue_depths
 
         db_up, broker_up, queues, states, present, info = cluster_families()
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pacs.dicom_files import PatientInfo, StudyInfo, uid_from, wrap_image, write_dataset
+from thyrocad.pacs.dicom_files import PatientInfo, StudyInfo, uid_from, wrap_image, write_dataset
 
 BENIGN = {"2", "3"}
 SUSPICIOUS = {"4a", "4b", "4c", "5"}

@@ -29,7 +29,7 @@ class DemoRow:
 
 
 def _wait_for_listener(s: Settings, deadline: float) -> None:
-    from pacs.sender import Peer, echo
+    from thyrocad.pacs.sender import Peer, echo
 
     peer = Peer("127.0.0.1", s.port, s.ae_title)
     # Refused connections while the listener starts are expected: pynetdicom would log
@@ -53,7 +53,7 @@ def _wait_for_listener(s: Settings, deadline: float) -> None:
 def local_imagenet_weights(arch: str) -> Path | None:
     """The Keras cache's ImageNet weights file of ``arch`` on this machine, if any
     (where Keras itself looks: $KERAS_HOME/models or ~/.keras/models)."""
-    from models.architectures import get_spec
+    from thyrocad.models.architectures import get_spec
 
     name = get_spec(arch).weights_file
     homes = [os.environ.get("KERAS_HOME"), str(Path.home() / ".keras")]
@@ -88,8 +88,8 @@ def _ensure_model(
     say: Callable[[str], None],
     weights: str = "auto",
 ) -> None:
-    from db import repository
-    from db.engine import make_engine, make_session_factory, upgrade
+    from thyrocad.db import repository
+    from thyrocad.db.engine import make_engine, make_session_factory, upgrade
 
     upgrade(s.db_url)
     sessions = make_session_factory(make_engine(s.db_url))
@@ -97,7 +97,7 @@ def _ensure_model(
         if repository.active_model(session) is not None:
             say("using the active model")
             return
-    from pacs.datasets import load_dataset
+    from thyrocad.pacs.datasets import load_dataset
     from thyrocad.synthetic import write_synthetic_set
 
     train_dir = s.data_dir / "demo-train"
@@ -115,7 +115,7 @@ def _ensure_model(
     }
     chosen = choose_weights(weights, say)
     version = train(s, loaded.images, loaded.labels, loaded.patient_ids, weights=chosen, **kwargs)
-    from worker.versions import promote_version
+    from thyrocad.worker.versions import promote_version
 
     promote_version(s, version, s.registry_dir)
     say(f"trained and promoted {version}")
@@ -134,10 +134,10 @@ def run_demo(
     weights: str = "auto",
 ) -> list[DemoRow]:
     """Run the demo end to end and return one row per synthetic patient."""
-    from db import repository
-    from db.engine import make_engine, make_session_factory
-    from pacs.sender import Peer, iter_dicom_files, send_files
+    from thyrocad.db import repository
+    from thyrocad.db.engine import make_engine, make_session_factory
     from thyrocad.embedded import Supervisor
+    from thyrocad.pacs.sender import Peer, iter_dicom_files, send_files
     from thyrocad.synthetic import write_synthetic_set
 
     s = s.model_copy(update={"study_idle_seconds": min(s.study_idle_seconds, 3.0)})

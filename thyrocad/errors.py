@@ -124,9 +124,9 @@ def explain(exc: BaseException, settings: Settings | None) -> str | None:
     from kombu.exceptions import OperationalError as BrokerError
     from pydantic import ValidationError
 
-    from db.errors import DbError
-    from models.errors import ModelsError
-    from pacs.errors import PacsError
+    from thyrocad.db.errors import DbError
+    from thyrocad.models.errors import ModelsError
+    from thyrocad.pacs.errors import PacsError
 
     if isinstance(exc, UserError | DbError | PacsError | ModelsError):
         return str(exc)

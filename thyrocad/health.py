@@ -67,7 +67,7 @@ class Readiness:
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; one of {ROLES}")
-        from db.engine import make_session_factory
+        from thyrocad.db.engine import make_session_factory
 
         self.settings = settings
         self.role = role
@@ -140,7 +140,7 @@ class Readiness:
         return Check("spool", True, f"{free_mb} MiB free")
 
     def model(self, loaded: bool) -> Check:
-        from db import repository
+        from thyrocad.db import repository
 
         try:
             with self._sessions() as session:
@@ -293,7 +293,7 @@ def start_worker_health(
     prefork = pool == "prefork"
     if prefork:
         metrics.prepare_multiprocess(settings.metrics_multiproc_dir)
-    from worker import signals
+    from thyrocad.worker import signals
 
     inference = "inference" in queues
     signals.install(watch_model=inference, prefork=prefork)

@@ -16,15 +16,15 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, make_session_factory
-from pacs.intake import Intake, Observer, reconcile_spool
-from pacs.listener import ListenerConfig, start_listener
-from pacs.spool import Spool
-from pacs.tls import TlsConfig, server_context
 from thyrocad import metrics
+from thyrocad.db.engine import make_engine, make_session_factory
 from thyrocad.errors import PortInUse
+from thyrocad.pacs.intake import Intake, Observer, reconcile_spool
+from thyrocad.pacs.listener import ListenerConfig, start_listener
+from thyrocad.pacs.spool import Spool
+from thyrocad.pacs.tls import TlsConfig, server_context
 from thyrocad.settings import Settings
-from worker.app import create_app
+from thyrocad.worker.app import create_app
 
 logger = logging.getLogger(__name__)
 

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     aggregation_rule: str = "mean"
     requeue_interval_seconds: float = 10.0
     requeue_stale_seconds: float = 120.0
+    # Grad-CAM evidence with every prediction, for the web page (one extra backward pass).
+    evidence_maps: bool = True
+    # Where an inference worker runs its model: "cpu", or "gpu:N" to pin GPU N (memory
+    # growth, mixed precision where the backend has it, THYROCAD_GPU_BATCH_MAX).
+    worker_device: str = "cpu"
+    gpu_batch_max: int = Field(default=128, ge=1)
+    mixed_precision: bool = True  # on a GPU only; a CPU worker always computes in float32
 
     # Continuous learning: labels → scheduled refit → champion/challenger promotion
     retrain_interval_seconds: float = Field(default=3600.0, ge=0)  # 0: no scheduled refit
@@ -83,6 +90,15 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     tls_also_plain_port: int = Field(default=0, ge=0, le=65535)  # 0: TLS only
     sr_tls: bool = False  # send Structured Reports to THYROCAD_SR_DESTINATION over TLS
+
+    # The radiologists' web page (thyrocad web)
+    web_host: str = "127.0.0.1"  # loopback unless opened on purpose
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    web_session_minutes: float = Field(default=60.0, gt=0)  # a sign-in lasts this long idle
+    # Signs session cookies; empty: a random key kept in THYROCAD_DATA_DIR/web-secret.
+    web_secret_file: Path | None = None
+    # PostgreSQL: the read-only role the page reads through; empty: DATABASE_URL.
+    web_read_database_url: str = ""
 
     # Metrics
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 disables the metrics endpoint
@@ -118,6 +134,14 @@ class Settings(BaseSettings):
         value = value.strip().upper()
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("a log level is DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("worker_device")
+    @classmethod
+    def _check_worker_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"cpu|gpu:\d{1,2}", value):
+            raise ValueError("THYROCAD_WORKER_DEVICE is cpu or gpu:N (N the GPU's index, 0 first)")
         return value
 
     @field_validator("audit_syslog")

@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.synth import synth_patient
-from pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset, write_dataset
+from thyrocad.models.synth import synth_patient
+from thyrocad.pacs.dicom_files import (
+    PatientInfo,
+    StudyInfo,
+    uid_from,
+    ultrasound_dataset,
+    write_dataset,
+)
 
 
 @dataclass(frozen=True)

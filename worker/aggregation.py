@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from db import repository
-from db.records import NO_USABLE_IMAGES, ImagePrediction, ResultRecord
-from models.aggregation import combine
-from worker.context import WorkerContext
+from thyrocad.db import repository
+from thyrocad.db.records import NO_USABLE_IMAGES, ImagePrediction, ResultRecord
+from thyrocad.models.aggregation import combine
+from thyrocad.worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def finalise_due(ctx: WorkerContext, now: dt.datetime | None = None) -> list[Fin
             ctx.observe("study_result", {"study": result.study})
     reportable = [f.study for f in done if f.study.has_finding]
     if reportable and ctx.settings.sr_destination:
-        from worker.report_queue import queue_reports  # the SR hook; imports highdicom
+        from thyrocad.worker.report_queue import queue_reports  # the SR hook; imports highdicom
 
         queue_reports(ctx, reportable)
     return done

@@ -49,7 +49,7 @@ def create_app(settings: Settings) -> Celery:
     """A configured Celery app for these settings, made the current app."""
     app = Celery("thyrocad", broker=settings.broker_url, set_as_current=True)
     if settings.broker_url.startswith("filesystem://"):
-        app.conf.broker_transport = "worker.filesystem_broker:Transport"
+        app.conf.broker_transport = "thyrocad.worker.filesystem_broker:Transport"
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
@@ -93,9 +93,9 @@ def create_app(settings: Settings) -> Celery:
             "kwargs": {"trigger": "schedule"},
             "options": {"expires": settings.retrain_interval_seconds},
         }
-    import worker.archive_tasks  # noqa: F401  (Structured Reports: thyrocad.send_report)
-    import worker.learning_tasks  # noqa: F401  (continuous learning: thyrocad.retrain)
-    import worker.tasks  # noqa: F401  (registers the shared tasks with this app)
+    import thyrocad.worker.archive_tasks  # noqa: F401  (Structured Reports: thyrocad.send_report)
+    import thyrocad.worker.learning_tasks  # noqa: F401  (continuous learning: thyrocad.retrain)
+    import thyrocad.worker.tasks  # noqa: F401  (registers the shared tasks with this app)
 
     return app
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from celery import shared_task
 
-from db import repository
-from db.repository import ReportSource
-from pacs.sender import Peer
-from pacs.structured_report import (
+from thyrocad.db import repository
+from thyrocad.db.repository import ReportSource
+from thyrocad.pacs.sender import Peer
+from thyrocad.pacs.structured_report import (
     ReportContent,
     StudyHeader,
     build_report,
@@ -32,10 +32,10 @@ from pacs.structured_report import (
     store_report,
     study_date_text,
 )
-from pacs.tls import TlsConfig, TlsError, client_context
+from thyrocad.pacs.tls import TlsConfig, TlsError, client_context
 from thyrocad.settings import Settings
-from worker.context import WorkerContext, get_context
-from worker.task_policy import TRANSIENT
+from thyrocad.worker.context import WorkerContext, get_context
+from thyrocad.worker.task_policy import TRANSIENT
 
 logger = logging.getLogger(__name__)
 

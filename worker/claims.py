@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
+from thyrocad.db import repository
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, make_session_factory
-from pacs.pixels import FramePolicy
-from pacs.spool import Spool
+from thyrocad.db.engine import make_engine, make_session_factory
+from thyrocad.pacs.pixels import FramePolicy
+from thyrocad.pacs.spool import Spool
 from thyrocad.settings import Settings, load_settings
-from worker import task_policy
-from worker.claims import ClaimBook, set_node_name, worker_name
-from worker.model_holder import ModelHolder
+from thyrocad.worker import task_policy
+from thyrocad.worker.claims import ClaimBook, set_node_name, worker_name
+from thyrocad.worker.model_holder import ModelHolder
 
 logger = logging.getLogger(__name__)
 

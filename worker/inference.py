@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import repository
-from db.records import ClaimedInstance, PredictionRecord
-from pacs.errors import PixelError, SpoolError
-from pacs.pixels import FrameImage, images_from_file
-from worker.claims import heartbeat
-from worker.context import WorkerContext
+from thyrocad.db import repository
+from thyrocad.db.records import ClaimedInstance, PredictionRecord
+from thyrocad.pacs.errors import PixelError, SpoolError
+from thyrocad.pacs.pixels import FrameImage, images_from_file
+from thyrocad.worker.claims import heartbeat
+from thyrocad.worker.context import WorkerContext
 
 if TYPE_CHECKING:
-    from models.classifier import Classifier
+    from thyrocad.models.classifier import Classifier
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, exists, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from db.repository.audit import REFIT, default_actor, record_audit_event
-from db.schema import (
+from thyrocad.db.repository.audit import REFIT, default_actor, record_audit_event
+from thyrocad.db.schema import (
     Holdout,
     Instance,
     Label,

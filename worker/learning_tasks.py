@@ -13,9 +13,9 @@ from typing import Any
 
 from celery import shared_task
 
-from worker.context import get_context
-from worker.retraining import refit
-from worker.task_policy import RETRY
+from thyrocad.worker.context import get_context
+from thyrocad.worker.retraining import refit
+from thyrocad.worker.task_policy import RETRY
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from db.records import ModelVersionRecord
+from thyrocad.db.records import ModelVersionRecord
 
 if TYPE_CHECKING:
-    from models.classifier import Classifier
+    from thyrocad.models.classifier import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ModelHolder:
 
 def load_version(active: ModelVersionRecord) -> Classifier:
     """Load a registry version from the artifact path the database recorded."""
-    from models.registry import Registry
+    from thyrocad.models.registry import Registry
 
     artifact = Path(active.artifact_path)
     registry = Registry(artifact.parent.parent)

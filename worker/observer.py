@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from db.schema import Instance, Study
+from thyrocad.db.schema import Instance, Study
 from thyrocad.metrics import (
     metrics,
     model_loaded,
@@ -23,7 +23,7 @@ from thyrocad.metrics import (
     reason_class,
     safe_label,
 )
-from worker.context import WorkerContext
+from thyrocad.worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
-from db.records import ResultRecord
-from pacs.structured_report import report_uids
-from worker import task_policy
-from worker.context import WorkerContext
+from thyrocad.db import repository
+from thyrocad.db.records import ResultRecord
+from thyrocad.pacs.structured_report import report_uids
+from thyrocad.worker import task_policy
+from thyrocad.worker.context import WorkerContext
 
 
 def queue_reports(ctx: WorkerContext, results: Sequence[ResultRecord]) -> int:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
-from worker import learning_store as store
-from worker.learning_store import RescoreProgress
+from thyrocad.db import repository
+from thyrocad.worker import learning_store as store
+from thyrocad.worker.learning_store import RescoreProgress
 
 logger = logging.getLogger(__name__)
 

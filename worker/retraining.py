@@ -35,13 +35,13 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from db import repository
-from db.engine import make_session_factory
-from db.records import ModelVersionRecord
+from thyrocad.db import repository
+from thyrocad.db.engine import make_session_factory
+from thyrocad.db.records import ModelVersionRecord
 from thyrocad.settings import Settings
-from worker import learning_store as store
-from worker.learning_store import LabelledImage
-from worker.model_selection import (
+from thyrocad.worker import learning_store as store
+from thyrocad.worker.learning_store import LabelledImage
+from thyrocad.worker.model_selection import (
     Decision,
     PromotionRule,
     decide,
@@ -49,7 +49,7 @@ from worker.model_selection import (
     patient_metric,
     pseudonym,
 )
-from worker.versions import version_record
+from thyrocad.worker.versions import version_record
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def _usable(
 
 def _training_parameters(s: Settings, active: ModelVersionRecord) -> dict[str, Any]:
     """The active model's architecture and training settings, read from its registry metadata."""
-    from models.errors import RegistryError
-    from models.registry import Registry
+    from thyrocad.models.errors import RegistryError
+    from thyrocad.models.registry import Registry
 
     try:
         metadata = Registry(Path(active.artifact_path).parent.parent).get(active.version).metadata
@@ -266,9 +266,9 @@ def _load(
     images: Sequence[LabelledImage], size: int, frame_policy: str
 ) -> tuple[np.ndarray, list[str], list[str], int]:
     """Decode with ``pacs.pixels`` through ``pacs.datasets`` (the inference preprocessing)."""
-    from models.data import ImageRecord
-    from pacs.datasets import load_images
-    from pacs.pixels import FramePolicy
+    from thyrocad.models.data import ImageRecord
+    from thyrocad.pacs.datasets import load_images
+    from thyrocad.pacs.pixels import FramePolicy
 
     records = [
         ImageRecord(Path(img.spool_path), pseudonym(img.patient_key), img.diagnosis)
@@ -300,12 +300,12 @@ def _train_and_compare(
     s: Settings, claimed: _Claimed, on_epoch: EpochCallback | None
 ) -> tuple[str, dict[str, Any], Decision, dict[str, Any]]:
     """Train, save, evaluate both models. Returns (version, metrics, decision, extra params)."""
-    from models.errors import ModelsError
-    from models.evaluation import evaluate
-    from models.evaluation_report import report_to_json
-    from models.registration import train_and_register
-    from models.registry import Registry
-    from worker.model_holder import load_version
+    from thyrocad.models.errors import ModelsError
+    from thyrocad.models.evaluation import evaluate
+    from thyrocad.models.evaluation_report import report_to_json
+    from thyrocad.models.registration import train_and_register
+    from thyrocad.models.registry import Registry
+    from thyrocad.worker.model_holder import load_version
 
     p = claimed.parameters
     size = int(p["input_size"])
@@ -399,7 +399,7 @@ def _record(
 ) -> tuple[str, Decision]:
     """Register the version and close the run in one transaction; return the outcome
     and the decision (a promotion is withdrawn if the active model changed meanwhile)."""
-    from models.registry import Registry
+    from thyrocad.models.registry import Registry
 
     registry = Registry(Path(claimed.active.artifact_path).parent.parent)
     saved = registry.get(version)
@@ -474,7 +474,7 @@ def refit(
     happened; a refit that could not produce a candidate is recorded as ``failed``
     with its reason and returned, anything unexpected is recorded and raised.
     """
-    from models.errors import ModelsError
+    from thyrocad.models.errors import ModelsError
 
     started = time.monotonic()
     claimed = _claim(s, engine, force, trigger, now or utcnow())

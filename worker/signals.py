@@ -22,10 +22,10 @@ from celery.signals import (
     worker_ready,
 )
 
-from db import repository
 from thyrocad import metrics
-from worker.context import get_context, set_observer_factory
-from worker.observer import worker_observer
+from thyrocad.db import repository
+from thyrocad.worker.context import get_context, set_observer_factory
+from thyrocad.worker.observer import worker_observer
 
 logger = logging.getLogger(__name__)
 

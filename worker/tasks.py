@@ -14,12 +14,12 @@ import logging
 from celery import shared_task
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from db import repository
-from worker.aggregation import finalise_due
-from worker.context import get_context
-from worker.inference import run_inference
-from worker.model_holder import NoActiveModel
-from worker.task_policy import RETRY
+from thyrocad.db import repository
+from thyrocad.worker.aggregation import finalise_due
+from thyrocad.worker.context import get_context
+from thyrocad.worker.inference import run_inference
+from thyrocad.worker.model_holder import NoActiveModel
+from thyrocad.worker.task_policy import RETRY
 
 logger = logging.getLogger(__name__)
 

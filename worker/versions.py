@@ -10,9 +10,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from db import repository
-from db.engine import make_engine, make_session_factory, upgrade
-from db.records import ModelVersionRecord
+from thyrocad.db import repository
+from thyrocad.db.engine import make_engine, make_session_factory, upgrade
+from thyrocad.db.records import ModelVersionRecord
 from thyrocad.settings import Settings
 
 
@@ -36,7 +36,7 @@ def version_record(
 
 def promote_version(s: Settings, version: str, registry_dir: Path) -> None:
     """Make a registry version active on disk and in the database the workers read."""
-    from models.registry import Registry  # imports Keras
+    from thyrocad.models.registry import Registry  # imports Keras
 
     v = Registry(registry_dir).promote(version)
     now = dt.datetime.now(dt.UTC)

@@ -13,8 +13,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Connection, event, pool, text
 
-from db.engine import make_engine
-from db.schema import Base
+from thyrocad.db.engine import make_engine
+from thyrocad.db.schema import Base
 
 # Any constant works; it only has to be the same in every process that migrates.
 _PG_MIGRATION_LOCK = 0x7479726F  # "tyro"

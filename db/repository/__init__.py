@@ -30,8 +30,8 @@ imported from here:
 
 from __future__ import annotations
 
-from db.errors import RepositoryError
-from db.records import (
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import (
     AuditEvent,
     AuditEventRecord,
     BackfillItemRecord,
@@ -40,11 +40,11 @@ from db.records import (
     SrDispatchRecord,
     StudyProgress,
 )
-from db.repository._common import (
+from thyrocad.db.repository._common import (
     PENDING_STATES,
     UNSETTLED_STATES,
 )
-from db.repository.archive import (
+from thyrocad.db.repository.archive import (
     BACKFILL_STATES,
     backfill_items,
     pending_sr_dispatches,
@@ -56,14 +56,14 @@ from db.repository.archive import (
     study_progress,
     upsert_backfill_item,
 )
-from db.repository.audit import (
+from thyrocad.db.repository.audit import (
     AUDIT_KINDS,
     audit_events,
     default_actor,
     record_audit_event,
     record_audit_events,
 )
-from db.repository.claims import (
+from thyrocad.db.repository.claims import (
     claim_instances,
     mark_failed,
     mark_rejected,
@@ -71,11 +71,11 @@ from db.repository.claims import (
     release_worker_claims,
     renew_claims,
 )
-from db.repository.counts import (
+from thyrocad.db.repository.counts import (
     instance_counts,
     rejection_counts,
 )
-from db.repository.finalisation import (
+from thyrocad.db.repository.finalisation import (
     has_no_usable_image,
     patient_predictions,
     results,
@@ -84,25 +84,25 @@ from db.repository.finalisation import (
     studies_to_finalise,
     study_predictions,
 )
-from db.repository.labels import (
+from thyrocad.db.repository.labels import (
     add_label,
     decide_holdout,
     label_history,
     latest_labels,
 )
-from db.repository.model_versions import (
+from thyrocad.db.repository.model_versions import (
     active_model,
     list_model_versions,
     set_active_model,
     set_model_status,
     upsert_model_version,
 )
-from db.repository.predictions import save_predictions
-from db.repository.queueing import (
+from thyrocad.db.repository.predictions import save_predictions
+from thyrocad.db.repository.queueing import (
     instances_to_requeue,
     mark_queued,
 )
-from db.repository.receiving import (
+from thyrocad.db.repository.receiving import (
     known_instance,
     record_rejection,
     register_instance,

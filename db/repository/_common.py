@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.errors import RepositoryError
-from db.records import ResultRecord
-from db.schema import PatientResultRow, StudyResultRow
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import ResultRecord
+from thyrocad.db.schema import PatientResultRow, StudyResultRow
 
 # Instances a worker may still pick up; 'processing' joins them when its lease ends.
 PENDING_STATES: tuple[str, ...] = ("received", "queued")

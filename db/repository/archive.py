@@ -11,17 +11,22 @@ from typing import Any
 from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.errors import RepositoryError
-from db.records import (
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import (
     BackfillItemRecord,
     ReportImage,
     ReportSource,
     SrDispatchRecord,
     StudyProgress,
 )
-from db.repository._common import UNSETTLED_STATES, _insert, _no_sync, _now, _result_record
-from db.repository.audit import BACKFILL_RETRIEVE, SR_SENT, default_actor, record_audit_event
-from db.schema import (
+from thyrocad.db.repository._common import UNSETTLED_STATES, _insert, _no_sync, _now, _result_record
+from thyrocad.db.repository.audit import (
+    BACKFILL_RETRIEVE,
+    SR_SENT,
+    default_actor,
+    record_audit_event,
+)
+from thyrocad.db.schema import (
     SR_DISPATCH_STATUSES,
     BackfillItem,
     Instance,

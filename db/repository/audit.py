@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
-from db.errors import RepositoryError
-from db.records import AuditEvent, AuditEventRecord, AuditOutcome
-from db.repository._common import _now
-from db.schema import AUDIT_OUTCOMES, AuditEventRow
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import AuditEvent, AuditEventRecord, AuditOutcome
+from thyrocad.db.repository._common import _now
+from thyrocad.db.schema import AUDIT_OUTCOMES, AuditEventRow
 
 #: The logger every committed event goes to (after its transaction commits).
 AUDIT_LOGGER = "thyrocad.audit"

@@ -12,9 +12,9 @@ from typing import cast
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.records import ClaimedInstance
-from db.repository._common import _UNCLAIMED, PENDING_STATES, _no_sync, _now
-from db.schema import Instance, Study
+from thyrocad.db.records import ClaimedInstance
+from thyrocad.db.repository._common import _UNCLAIMED, PENDING_STATES, _no_sync, _now
+from thyrocad.db.schema import Instance, Study
 
 
 def claim_instances(

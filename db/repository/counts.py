@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.schema import INSTANCE_STATES, Instance, Rejection
+from thyrocad.db.schema import INSTANCE_STATES, Instance, Rejection
 
 
 def instance_counts(session: Session) -> dict[str, int]:

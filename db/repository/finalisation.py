@@ -13,15 +13,15 @@ from typing import Any
 from sqlalchemy import case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.errors import RepositoryError
-from db.records import (
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import (
     ImagePrediction,
     PatientPredictions,
     ResultRecord,
     StudyPredictions,
 )
-from db.repository._common import UNSETTLED_STATES, _no_sync, _now, _result_record
-from db.schema import (
+from thyrocad.db.repository._common import UNSETTLED_STATES, _no_sync, _now, _result_record
+from thyrocad.db.schema import (
     Instance,
     ModelVersion,
     Patient,

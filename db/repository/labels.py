@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import and_, func, insert, select
 from sqlalchemy.orm import Session, aliased
 
-from db.errors import RepositoryError
-from db.records import LabelRecord
-from db.repository._common import _insert, _now
-from db.repository.audit import LABEL_WRITTEN, record_audit_event
-from db.schema import Holdout, Label, Patient, Study
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import LabelRecord
+from thyrocad.db.repository._common import _insert, _now
+from thyrocad.db.repository.audit import LABEL_WRITTEN, record_audit_event
+from thyrocad.db.schema import Holdout, Label, Patient, Study
 
 
 def add_label(

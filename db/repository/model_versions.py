@@ -9,17 +9,17 @@ from datetime import datetime
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from db.errors import RepositoryError
-from db.records import ModelVersionRecord
-from db.repository._common import _insert, _is_postgresql, _no_sync, _now
-from db.repository.audit import (
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import ModelVersionRecord
+from thyrocad.db.repository._common import _insert, _is_postgresql, _no_sync, _now
+from thyrocad.db.repository.audit import (
     MODEL_PROMOTED,
     MODEL_ROLLED_BACK,
     MODEL_STATUS,
     default_actor,
     record_audit_event,
 )
-from db.schema import MODEL_STATUSES, ModelVersion
+from thyrocad.db.schema import MODEL_STATUSES, ModelVersion
 
 
 def _model_record(row: ModelVersion) -> ModelVersionRecord:

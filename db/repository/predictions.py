@@ -10,9 +10,9 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
-from db.records import PredictionRecord
-from db.repository._common import _UNCLAIMED, _insert, _no_sync, _now
-from db.schema import Instance, Prediction, Study
+from thyrocad.db.records import PredictionRecord
+from thyrocad.db.repository._common import _UNCLAIMED, _insert, _no_sync, _now
+from thyrocad.db.schema import Instance, Prediction, Study
 
 
 def save_predictions(

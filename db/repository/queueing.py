@@ -11,8 +11,8 @@ from typing import cast
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.repository._common import PENDING_STATES, _no_sync, _now
-from db.schema import Instance
+from thyrocad.db.repository._common import PENDING_STATES, _no_sync, _now
+from thyrocad.db.schema import Instance
 
 
 def mark_queued(session: Session, instance_ids: Sequence[int], now: datetime | None = None) -> int:

@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.records import InstanceRecord, KnownInstance, RefusedStudy, RegisterOutcome
-from db.repository._common import _insert_for, _no_sync, _now
-from db.schema import Instance, Patient, Rejection, Series, Study, patient_key_for
+from thyrocad.db.records import InstanceRecord, KnownInstance, RefusedStudy, RegisterOutcome
+from thyrocad.db.repository._common import _insert_for, _no_sync, _now
+from thyrocad.db.schema import Instance, Patient, Rejection, Series, Study, patient_key_for
 
 
 def register_instance(

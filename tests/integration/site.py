@@ -9,8 +9,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pacs.sender import Peer
 from tests.procs import port_open, stop, thyrocad, wait_for
+from thyrocad.pacs.sender import Peer
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 

@@ -28,12 +28,12 @@ import pytest
 import sqlalchemy as sa
 from pydicom.data import get_testdata_file
 
-from pacs.dicom_files import uid_from
-from pacs.sender import Peer, send_files
-from pacs.structured_report import STATEMENT, read_report
 from tests.integration.conftest import cli
 from tests.integration.site import Pipeline
 from tests.procs import free_port, port_open, redis_server, stop, thyrocad, wait_for
+from thyrocad.pacs.dicom_files import uid_from
+from thyrocad.pacs.sender import Peer, send_files
+from thyrocad.pacs.structured_report import STATEMENT, read_report
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

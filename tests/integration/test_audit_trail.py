@@ -15,15 +15,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from db import repository as repo
-from db.engine import head_revision, make_engine, make_session_factory, upgrade
-from pacs.intake import Intake
-from pacs.listener import ListenerConfig, start_listener
-from pacs.sender import Peer, send_files
-from pacs.spool import Spool
 from tests.db_fixtures import postgres_admin_url
 from tests.integration.site import US_IMAGE_STORAGE
 from tests.procs import free_port, wait_for
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import head_revision, make_engine, make_session_factory, upgrade
+from thyrocad.pacs.intake import Intake
+from thyrocad.pacs.listener import ListenerConfig, start_listener
+from thyrocad.pacs.sender import Peer, send_files
+from thyrocad.pacs.spool import Spool
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import send_files
 from tests.dicom_data import ultrasound_test_files
 from tests.integration.conftest import cli
 from tests.integration.site import Pipeline
 from tests.procs import ROOT, free_port, redis_server, wait_for
+from thyrocad.pacs.sender import send_files
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,8 +41,8 @@ FILES = (
 PREDICT = r"""
 import json, sys
 import keras, numpy as np
-from models.registry import Registry
-from pacs.pixels import images_from_file
+from thyrocad.models.registry import Registry
+from thyrocad.pacs.pixels import images_from_file
 
 registry, version, *paths = sys.argv[1:]
 classifier = Registry(registry).load(version)

@@ -18,9 +18,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.roles import create_readonly_role
-from db.views import VIEW_NAMES
 from tests.db_fixtures import (
     RepositoryContract,
     at,
@@ -31,6 +28,9 @@ from tests.db_fixtures import (
     postgres_unavailable_reason,
     register_all,
 )
+from thyrocad.db import repository as repo
+from thyrocad.db.roles import create_readonly_role
+from thyrocad.db.views import VIEW_NAMES
 
 pytestmark = pytest.mark.integration
 

@@ -27,13 +27,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from db.records import NO_USABLE_IMAGES
-from pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset
 from tests.db_fixtures import fresh_postgres_url, postgres_unavailable_reason
 from tests.integration.conftest import cli
 from tests.integration.site import Pipeline
 from tests.procs import free_port, redis_server, wait_for
+from thyrocad.db.records import NO_USABLE_IMAGES
 from thyrocad.metrics import reason_class
+from thyrocad.pacs.dicom_files import PatientInfo, StudyInfo, uid_from, ultrasound_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -31,18 +31,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from db import repository
-from db.engine import make_engine, make_session_factory, upgrade
-from pacs.intake import to_record
-from pacs.meta import describe, read_dataset
-from pacs.sender import Peer, send_files
-from pacs.spool import Spool
 from tests.integration.conftest import cli
 from tests.procs import ROOT, free_port, port_open, redis_server, stop, thyrocad, wait_for
+from thyrocad.db import repository
+from thyrocad.db.engine import make_engine, make_session_factory, upgrade
+from thyrocad.pacs.intake import to_record
+from thyrocad.pacs.meta import describe, read_dataset
+from thyrocad.pacs.sender import Peer, send_files
+from thyrocad.pacs.spool import Spool
 from thyrocad.settings import load_settings
 from thyrocad.synthetic import SyntheticPatient, write_synthetic_set
-from worker.model_selection import in_holdout
-from worker.versions import promote_version
+from thyrocad.worker.model_selection import in_holdout
+from thyrocad.worker.versions import promote_version
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import Peer, send_files
 from tests.integration.conftest import cli
 from tests.procs import free_port, port_open, stop, thyrocad, wait_for
+from thyrocad.pacs.sender import Peer, send_files
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

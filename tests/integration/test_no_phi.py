@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import send_files
 from tests.integration.conftest import cli
 from tests.integration.site import PROCESSES, Pipeline
 from tests.procs import free_port, port_open, redis_server, thyrocad, wait_for
+from thyrocad.pacs.sender import send_files
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

@@ -28,10 +28,10 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import Peer, send_files
 from tests.integration.conftest import cli
 from tests.integration.site import send_raw
 from tests.procs import ROOT, free_port, port_open, redis_server, stop, thyrocad, wait_for
+from thyrocad.pacs.sender import Peer, send_files
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

@@ -19,11 +19,11 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import send_files
 from tests.dicom_data import ultrasound_test_files
 from tests.integration.conftest import cli
 from tests.integration.site import US_IMAGE_STORAGE, Pipeline, send_raw
 from tests.procs import free_port, redis_server, wait_for
+from thyrocad.pacs.sender import send_files
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration
@@ -202,7 +202,7 @@ def test_bad_input_is_refused_with_reason_and_service_survives(
     pipeline.kill("listener")
     pipeline.env["THYROCAD_ALLOWED_AETS"] = "MODALITY1"
     pipeline.start("listener")
-    from pacs.errors import SendError
+    from thyrocad.pacs.errors import SendError
 
     with pytest.raises(SendError, match="rejected"):
         send_files(good[:1], pipeline.peer(), "STRANGER")

@@ -22,23 +22,23 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from db import repository as repo
-from db.engine import make_session_factory
-from db.records import NO_USABLE_IMAGES, RefusedStudy
-from pacs.pixels import FramePolicy
-from pacs.sender import SendReport, send_files
-from pacs.spool import Spool
 from tests.db_fixtures import at, instance_rec, migrated_engine, model_rec, prediction, register_all
 from tests.integration.conftest import cli
 from tests.integration.site import Pipeline
 from tests.integration.test_operations import private_postgres
 from tests.procs import free_port, redis_server, wait_for
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.db.records import NO_USABLE_IMAGES, RefusedStudy
+from thyrocad.pacs.pixels import FramePolicy
+from thyrocad.pacs.sender import SendReport, send_files
+from thyrocad.pacs.spool import Spool
 from thyrocad.settings import load_settings
 from thyrocad.synthetic import write_synthetic_set
-from worker.aggregation import finalise_due
-from worker.claims import ClaimBook
-from worker.context import WorkerContext
-from worker.model_holder import ModelHolder
+from thyrocad.worker.aggregation import finalise_due
+from thyrocad.worker.claims import ClaimBook
+from thyrocad.worker.context import WorkerContext
+from thyrocad.worker.model_holder import ModelHolder
 
 pytestmark = pytest.mark.integration
 

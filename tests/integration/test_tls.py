@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pacs.sender import Peer, send_files
-from pacs.structured_report import build_report, store_report
-from pacs.tls import TlsConfig, TlsError, client_context
 from tests.integration.conftest import cli
 from tests.procs import free_port, port_open, stop, thyrocad, wait_for
 from tests.unit.test_structured_report import content
+from thyrocad.pacs.sender import Peer, send_files
+from thyrocad.pacs.structured_report import build_report, store_report
+from thyrocad.pacs.tls import TlsConfig, TlsError, client_context
 from thyrocad.synthetic import write_synthetic_set
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.aggregation import RULES, combine, group_by
+from thyrocad.models.aggregation import RULES, combine, group_by
 
 PROBS = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from models.architectures import (
+from thyrocad.models.architectures import (
     ARCH_SPECS,
     ARCHITECTURES,
     DEFAULT_CLASSES,
@@ -19,7 +19,7 @@ from models.architectures import (
     build_model,
     split_frozen,
 )
-from models.errors import ModelsError, WeightsNotAvailable
+from thyrocad.models.errors import ModelsError, WeightsNotAvailable
 
 VGG_SIZE = 32
 INCEPTION_SIZE = 75

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pacs.admission import Admission
-from pacs.association_io import PduReader, TransportLimits
+from thyrocad.pacs.admission import Admission
+from thyrocad.pacs.association_io import PduReader, TransportLimits
 
 LIMITS = TransportLimits(max_pdu_size=16384, artim_timeout=0.5, network_timeout=0.5)
 A_ABORT = bytes.fromhex("07000000000400000206")  # provider, invalid PDU parameter value
@@ -127,7 +127,7 @@ def test_a_peer_that_closes_ends_the_reader(pair) -> None:  # type: ignore[no-un
 def test_connections_beyond_the_waiting_limit_are_refused_and_logged_once(caplog) -> None:  # type: ignore[no-untyped-def]
     admission = Admission(max_associations=2, max_waiting=3)
     assert admission.connection_allowed(4, ("127.0.0.1", 1))
-    with caplog.at_level("WARNING", logger="pacs.admission"):
+    with caplog.at_level("WARNING", logger="thyrocad.pacs.admission"):
         assert not admission.connection_allowed(5, ("127.0.0.1", 2))
         assert not admission.connection_allowed(6, ("127.0.0.1", 3))
     assert caplog.text.count("connections refused") == 1

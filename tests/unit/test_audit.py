@@ -16,13 +16,13 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import make_session_factory
-from db.errors import RepositoryError
-from db.records import AuditEvent
 from tests.db_fixtures import T0, at, fresh_sqlite_url, instance_rec, migrated_engine, model_rec
 from tests.db_fixtures import register_all as register
 from thyrocad.audit_log import configure_audit_syslog, parse_target
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.records import AuditEvent
 from thyrocad.settings import load_settings
 
 
@@ -302,8 +302,8 @@ def test_a_backfill_run_is_audited_from_start_to_end(sessions: sessionmaker[Sess
 def test_audit_command_lists_filters_and_says_when_empty(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from db.engine import make_engine, upgrade
     from thyrocad.cli import app
+    from thyrocad.db.engine import make_engine, upgrade
 
     url = f"sqlite:///{tmp_path / 'thyrocad.sqlite'}"
     upgrade(url)
@@ -345,7 +345,7 @@ def test_audit_command_lists_filters_and_says_when_empty(tmp_path: Path) -> None
 
 
 def test_a_closed_refit_is_audited_once(sessions: sessionmaker[Session]) -> None:
-    from worker import learning_store as store
+    from thyrocad.worker import learning_store as store
 
     with sessions.begin() as session:
         run_id = store.start_run(session, {"trigger": "test"}, T0)

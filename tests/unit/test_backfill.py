@@ -18,11 +18,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import make_session_factory
-from db.errors import RepositoryError
-from db.schema import Study
-from pacs.archive import (
+from tests.db_fixtures import at, fresh_sqlite_url, instance_rec, migrated_engine, predict_all
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.db.errors import RepositoryError
+from thyrocad.db.schema import Study
+from thyrocad.pacs.archive import (
     FoundStudy,
     RateLimiter,
     RetrieveOutcome,
@@ -32,9 +33,8 @@ from pacs.archive import (
     status_reason,
     wildcard_match,
 )
-from pacs.backfill import Backfill, BackfillOptions, BackfillReport
-from pacs.sender import Peer
-from tests.db_fixtures import at, fresh_sqlite_url, instance_rec, migrated_engine, predict_all
+from thyrocad.pacs.backfill import Backfill, BackfillOptions, BackfillReport
+from thyrocad.pacs.sender import Peer
 
 # --------------------------------------------------------------------------- pure helpers
 

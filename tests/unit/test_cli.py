@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from db import repository as repo
-from db.engine import make_engine, make_session_factory, upgrade
 from tests.db_fixtures import at, instance_rec, model_rec
 from thyrocad.cli import app
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_engine, make_session_factory, upgrade
 
 # DICOM UIDs are at most 64 characters: the reader must see all of them.
 STUDY_A = "1.2.826.0.1.3680043.8.498.10203040506070809010203040506070809011"
@@ -49,7 +49,7 @@ def results_db(tmp_path: Path) -> Path:
             )
     from sqlalchemy import select
 
-    from db.schema import Patient, Study
+    from thyrocad.db.schema import Patient, Study
 
     with sessions.begin() as session:
         ids = dict(session.execute(select(Study.study_instance_uid, Study.id)).all())

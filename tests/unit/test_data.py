@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import (
+from thyrocad.models.data import (
     ImageRecord,
     Split,
     augment,
@@ -17,7 +17,7 @@ from models.data import (
     fingerprint,
     split_by_patient,
 )
-from models.errors import DatasetError
+from thyrocad.models.errors import DatasetError
 
 
 def _png(path: Path, value: int = 128) -> Path:

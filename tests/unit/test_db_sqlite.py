@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import SQLITE_BUSY_TIMEOUT_MS, is_sqlite
-from db.errors import UnsupportedDatabase
-from db.roles import create_readonly_role
 from tests.db_fixtures import (
     RepositoryContract,
     fresh_sqlite_url,
     instance_rec,
     register_all,
 )
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import SQLITE_BUSY_TIMEOUT_MS, is_sqlite
+from thyrocad.db.errors import UnsupportedDatabase
+from thyrocad.db.roles import create_readonly_role
 
 
 class TestSqliteRepository(RepositoryContract):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import UID, ExplicitVRLittleEndian, UltrasoundImageStorage
 
-from pacs.dicom_files import (
+from thyrocad.pacs.dicom_files import (
     SYNTHETIC_MANUFACTURER,
     PatientInfo,
     StudyInfo,
@@ -20,7 +20,7 @@ from pacs.dicom_files import (
     wrap_image,
     write_dataset,
 )
-from pacs.pixels import (
+from thyrocad.pacs.pixels import (
     content_box,
     images_from_bytes,
     images_from_dataset,

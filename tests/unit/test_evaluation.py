@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from models.errors import EvaluationError
-from models.evaluation import EvaluationReport, evaluate
-from models.evaluation_report import report_to_json, write_report
-from models.predictions_csv import read_predictions_csv, write_predictions_csv
-from models.scoring import Level, weighted_metrics
+from thyrocad.models.errors import EvaluationError
+from thyrocad.models.evaluation import EvaluationReport, evaluate
+from thyrocad.models.evaluation_report import report_to_json, write_report
+from thyrocad.models.predictions_csv import read_predictions_csv, write_predictions_csv
+from thyrocad.models.scoring import Level, weighted_metrics
 
 CLASSES = ("autoimmune", "normal")
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")

@@ -8,7 +8,7 @@ from queue import Empty
 import pytest
 from kombu import Connection
 
-from worker.filesystem_broker import Transport
+from thyrocad.worker.filesystem_broker import Transport
 
 
 def connection(folder: Path) -> Connection:

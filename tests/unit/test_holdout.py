@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import make_session_factory
 from tests.db_fixtures import at, fresh_sqlite_url, instance_rec, migrated_engine, register_all
-from worker.model_selection import PromotionRule, decide, in_holdout, pseudonym
-from worker.retraining import _decide_holdout
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.worker.model_selection import PromotionRule, decide, in_holdout, pseudonym
+from thyrocad.worker.retraining import _decide_holdout
 
 
 def test_membership_is_a_stable_hash_of_the_key() -> None:

@@ -3,14 +3,16 @@
 Floors, lowest first; a module may import its own package and the floors below:
 
 0. ``thyrocad.settings``, ``thyrocad.logs``, ``thyrocad.metrics`` — import nothing of ours
-1. ``models``, ``db`` — each imports only itself
-2. ``pacs``
-3. ``worker``
+1. ``thyrocad.models``, ``thyrocad.db`` — each imports only itself
+2. ``thyrocad.pacs``
+3. ``thyrocad.worker``
 4. the rest of ``thyrocad`` (CLI, commands, runners, health)
 5. ``bench``
 
+The folders ``models/ db/ pacs/ worker/`` sit at the repository's top level but install
+as ``thyrocad.models`` … (pyproject's package-dir), and are imported only by those names.
 Every import counts: at module level, inside functions and under ``TYPE_CHECKING``.
-Imports of our own code are absolute (``from db import repository``), never relative.
+Imports of our own code are absolute (``from thyrocad.db import repository``), never relative.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "db", "pacs", "worker", "thyrocad", "bench")
+#: The folders installed inside the thyrocad namespace.
+NAMESPACED = ("models", "db", "pacs", "worker")
 GROUND = ("thyrocad.settings", "thyrocad.logs", "thyrocad.metrics")
 FLOORS = {"ground": 0, "models": 1, "db": 1, "pacs": 2, "worker": 3, "thyrocad": 4, "bench": 5}
 
@@ -38,13 +42,22 @@ class Import:
 
 
 def module_name(path: str) -> str:
+    """The name a file imports as once installed: ``pacs/meta.py`` is ``thyrocad.pacs.meta``."""
     parts = path.removesuffix(".py").split("/")
+    if parts[0] in NAMESPACED:
+        parts = ["thyrocad", *parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def room(module: str) -> str:
-    """The package a module belongs to for the rules: ``ground`` or its top-level package."""
-    return "ground" if module in GROUND else module.split(".")[0]
+    """The package a module belongs to for the rules: ``ground``, one of the namespaced
+    parts (``thyrocad.pacs`` is ``pacs``), ``thyrocad`` or ``bench``."""
+    if module in GROUND:
+        return "ground"
+    parts = module.split(".")
+    if parts[0] == "thyrocad" and len(parts) > 1 and parts[1] in NAMESPACED:
+        return parts[1]
+    return parts[0]
 
 
 def imports(path: str, text: str, known: set[str]) -> tuple[list[Import], list[str]]:
@@ -60,12 +73,19 @@ def imports(path: str, text: str, known: set[str]) -> tuple[list[Import], list[s
                 problems.append(f"{path}:{node.lineno}: a relative import; write it absolute")
                 continue
             base = node.module or ""
-            # ``from db import repository`` imports the module db.repository.
+            # ``from thyrocad.db import repository`` imports the module thyrocad.db.repository.
             names = [
                 f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
             ]
         for name in names:
-            if name.split(".")[0] not in PACKAGES:
+            top = name.split(".")[0]
+            if top in NAMESPACED:
+                problems.append(
+                    f"{path}:{node.lineno}: imports {name} by its folder's name; "
+                    f"write thyrocad.{name}"
+                )
+                continue
+            if top not in PACKAGES:
                 continue
             while name not in known and "." in name:  # a name inside a module
                 name = name.rsplit(".", 1)[0]
@@ -198,14 +218,14 @@ def test_an_upward_import_is_caught() -> None:
             "db/engine.py": "import sqlalchemy\n",
             "worker/app.py": "def f():\n    from thyrocad.cli import main\n",
             "thyrocad/__init__.py": "",
-            "thyrocad/cli.py": "from db import engine\n",
-            "thyrocad/settings.py": "from db.engine import make_engine\n",
+            "thyrocad/cli.py": "from thyrocad.db import engine\n",
+            "thyrocad/settings.py": "from thyrocad.db.engine import make_engine\n",
             "models/data.py": "from thyrocad.settings import Settings\n",
         }
     )
     assert [p.split(": ", 2)[:2] for p in problems] == [
         ["models/data.py:1", "imports thyrocad.settings"],
-        ["thyrocad/settings.py:1", "imports db.engine"],
+        ["thyrocad/settings.py:1", "imports thyrocad.db.engine"],
         ["worker/app.py:2", "imports thyrocad.cli"],
     ]
     assert "worker (floor 3) may not import thyrocad (floor 4)" in problems[2]
@@ -215,19 +235,29 @@ def test_an_upward_import_is_caught() -> None:
 def test_a_cycle_is_caught() -> None:
     problems = check(
         {
-            "worker/a.py": "from worker.b import x\n",
+            "worker/a.py": "from thyrocad.worker.b import x\n",
             "worker/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-            "    from worker.c import y\n",
-            "worker/c.py": "def f():\n    import worker.a\n",
-            "worker/d.py": "from worker import a\n",
+            "    from thyrocad.worker.c import y\n",
+            "worker/c.py": "def f():\n    import thyrocad.worker.a\n",
+            "worker/d.py": "from thyrocad.worker import a\n",
         }
     )
+    w = "thyrocad.worker"
     assert problems == [
-        "a cycle: worker.a -> worker.b -> worker.c -> worker.a (worker/a.py:1 imports worker.b, "
-        "worker/b.py:3 imports worker.c, worker/c.py:2 imports worker.a)"
+        f"a cycle: {w}.a -> {w}.b -> {w}.c -> {w}.a (worker/a.py:1 imports {w}.b, "
+        f"worker/b.py:3 imports {w}.c, worker/c.py:2 imports {w}.a)"
     ]
 
 
 def test_a_relative_import_is_refused() -> None:
     problems = check({"pacs/a.py": "from .b import x\n", "pacs/b.py": "x = 1\n"})
     assert problems == ["pacs/a.py:1: a relative import; write it absolute"]
+
+
+def test_an_import_by_the_folder_name_is_refused() -> None:
+    """``import pacs`` works from the repository root by accident and makes a second copy
+    of every module it touches; installed, it does not exist."""
+    problems = check({"worker/a.py": "from pacs.meta import x\n", "pacs/meta.py": "x = 1\n"})
+    assert problems == [
+        "worker/a.py:1: imports pacs.meta by its folder's name; write thyrocad.pacs.meta"
+    ]

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from db.engine import make_session_factory
-from pacs.pixels import FramePolicy
-from pacs.spool import Spool
 from tests.db_fixtures import fresh_sqlite_url, instance_rec, migrated_engine, register_all
+from thyrocad.db.engine import make_session_factory
+from thyrocad.pacs.pixels import FramePolicy
+from thyrocad.pacs.spool import Spool
 from thyrocad.settings import load_settings
-from worker.claims import ClaimBook
-from worker.context import WorkerContext
-from worker.inference import claim
-from worker.model_holder import ModelHolder
+from thyrocad.worker.claims import ClaimBook
+from thyrocad.worker.context import WorkerContext
+from thyrocad.worker.inference import claim
+from thyrocad.worker.model_holder import ModelHolder
 
 
 def _context(tmp_path: Path, engine: Engine, wait: float) -> WorkerContext:

@@ -14,13 +14,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_session_factory
-from db.schema import Instance
-from pacs import association_io
-from pacs.intake import reconcile_spool
-from pacs.meta import describe, read_dataset
-from pacs.spool import Spool
 from tests.db_fixtures import fresh_sqlite_url, migrated_engine
+from thyrocad.db.engine import make_session_factory
+from thyrocad.db.schema import Instance
+from thyrocad.pacs import association_io
+from thyrocad.pacs.intake import reconcile_spool
+from thyrocad.pacs.meta import describe, read_dataset
+from thyrocad.pacs.spool import Spool
 from thyrocad.synthetic import write_synthetic_set
 
 # ----------------------------------------------------------------- reconciler
@@ -115,7 +115,7 @@ def test_other_pynetdicom_internals_keep_its_polling(pair, caplog) -> None:  # t
     transport, _ = pair
     # An association whose DUL lacks the 3.0 queue attributes.
     assoc = SimpleNamespace(dul=SimpleNamespace(socket=transport), dimse=SimpleNamespace())
-    with caplog.at_level("WARNING", logger="pacs.association_io"):
+    with caplog.at_level("WARNING", logger="thyrocad.pacs.association_io"):
         association_io.tune_association(SimpleNamespace(assoc=assoc))
     assert "poll as usual" in caplog.text
     assert not hasattr(assoc.dul, "to_provider_queue")

@@ -12,8 +12,6 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository as repo
-from db.engine import make_session_factory
 from tests.db_fixtures import (
     at,
     fresh_sqlite_url,
@@ -23,7 +21,9 @@ from tests.db_fixtures import (
     prediction,
     register_all,
 )
-from worker import learning_store as store
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.worker import learning_store as store
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pacs.errors import InvalidInstance
-from pacs.meta import describe, read_dataset
+from thyrocad.pacs.errors import InvalidInstance
+from thyrocad.pacs.meta import describe, read_dataset
 
 US = "1.2.840.10008.5.1.4.1.1.6.1"
 
@@ -90,7 +90,7 @@ def test_every_accepted_sop_class_is_handled_by_the_storage_service() -> None:
     from pynetdicom.service_class import StorageServiceClass
     from pynetdicom.sop_class import uid_to_service_class
 
-    from pacs.meta import ULTRASOUND_SOP_CLASSES, register_storage_classes
+    from thyrocad.pacs.meta import ULTRASOUND_SOP_CLASSES, register_storage_classes
 
     register_storage_classes()
     for uid in ULTRASOUND_SOP_CLASSES:
@@ -184,8 +184,8 @@ class _Intake:
 def _store(
     data: bytes | Exception, tmp_path: Path, requested: str = "1.2.3.4"
 ) -> tuple[int, _Intake]:
-    from pacs.listener import handle_store
-    from pacs.spool import Spool
+    from thyrocad.pacs.listener import handle_store
+    from thyrocad.pacs.spool import Spool
 
     def encoded_dataset(include_meta: bool = True) -> bytes:
         if isinstance(data, Exception):
@@ -238,8 +238,8 @@ def test_an_unforeseen_error_is_a_refusal_without_the_exceptions_text(tmp_path: 
 def test_a_header_is_read_from_parts_without_reading_the_pixel_data(tmp_path: Path) -> None:
     import tracemalloc
 
-    from pacs.received import PartsReader
-    from pacs.spool import Spool
+    from thyrocad.pacs.received import PartsReader
+    from thyrocad.pacs.spool import Spool
 
     pixels = bytes(range(256)) * (3 * 2**20 // 256)  # 3 MiB, above the deferral threshold
     ds = make(Rows=1024, Columns=1024, SamplesPerPixel=3, PixelData=pixels)
@@ -279,8 +279,8 @@ def test_the_handler_spools_what_pynetdicom_received_byte_for_byte(tmp_path: Pat
     # pynetdicom's buffer (read through a view, not copied).
     from pynetdicom.dsutils import encode_file_meta
 
-    from pacs.listener import handle_store
-    from pacs.spool import Spool
+    from thyrocad.pacs.listener import handle_store
+    from thyrocad.pacs.spool import Spool
 
     ds = make()
     body = _encoded(ds)

@@ -21,13 +21,13 @@ from prometheus_client import REGISTRY, generate_latest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from db.records import PredictionRecord
-from pacs.errors import InvalidInstance
-from pacs.meta import describe, read_dataset
 from thyrocad import metrics
+from thyrocad.db.records import PredictionRecord
 from thyrocad.health import HealthServer, Readiness
+from thyrocad.pacs.errors import InvalidInstance
+from thyrocad.pacs.meta import describe, read_dataset
 from thyrocad.settings import Settings, load_settings
-from worker.observer import worker_observer
+from thyrocad.worker.observer import worker_observer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -143,7 +143,7 @@ def test_safe_label_with_an_allowed_set() -> None:
 
 @pytest.fixture
 def sqlite_ctx(tmp_path: Path) -> Any:
-    from db.engine import make_engine, upgrade
+    from thyrocad.db.engine import make_engine, upgrade
 
     url = f"sqlite:///{tmp_path / 'm.sqlite'}"
     upgrade(url)
@@ -289,8 +289,8 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_health_server_endpoints(tmp_path: Path) -> None:
-    from db.engine import upgrade
-    from worker.app import broker_options
+    from thyrocad.db.engine import upgrade
+    from thyrocad.worker.app import broker_options
 
     s = _settings(tmp_path)
     s.spool_dir.mkdir(parents=True)
@@ -352,9 +352,9 @@ def test_readyz_names_no_database_or_broker_address(
 
 
 def test_inference_readiness_needs_the_model_loaded(tmp_path: Path) -> None:
-    from db import repository
-    from db.engine import make_engine, make_session_factory, upgrade
-    from db.records import ModelVersionRecord
+    from thyrocad.db import repository
+    from thyrocad.db.engine import make_engine, make_session_factory, upgrade
+    from thyrocad.db.records import ModelVersionRecord
 
     s = _settings(tmp_path)
     upgrade(s.db_url)

@@ -26,9 +26,10 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
-from pacs import pixels
-from pacs.errors import PixelError
-from pacs.pixels import (
+from tests.dicom_data import ultrasound_test_files
+from thyrocad.pacs import pixels
+from thyrocad.pacs.errors import PixelError
+from thyrocad.pacs.pixels import (
     FrameImage,
     FramePolicy,
     content_box,
@@ -39,7 +40,6 @@ from pacs.pixels import (
     to_grey,
     ultrasound_region,
 )
-from tests.dicom_data import ultrasound_test_files
 
 DDTI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ddti" / "cropped"
 

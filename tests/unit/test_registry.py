@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-from models.architectures import BackbonePreprocessing, build_model
-from models.classifier import Classifier, load_classifier
-from models.errors import ModelsError, RegistryError
-from models.registry import ModelVersion, Registry
+from thyrocad.models.architectures import BackbonePreprocessing, build_model
+from thyrocad.models.classifier import Classifier, load_classifier
+from thyrocad.models.errors import ModelsError, RegistryError
+from thyrocad.models.registry import ModelVersion, Registry
 
 SIZE = 32
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from thyrocad.settings import load_settings
-from worker.app import TASK_ROUTES, create_app
+from thyrocad.worker.app import TASK_ROUTES, create_app
 
 
 def test_retrain_is_scheduled_on_the_training_queue(tmp_path: Path) -> None:

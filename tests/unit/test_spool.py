@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs.errors import SpoolError
-from pacs.spool import Spool
+from thyrocad.pacs.errors import SpoolError
+from thyrocad.pacs.spool import Spool
 
 
 def test_write_is_complete_and_hashed(tmp_path: Path) -> None:

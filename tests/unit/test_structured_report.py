@@ -17,10 +17,12 @@ from pydicom.uid import ComprehensiveSRStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage as ComprehensiveSRClass  # type: ignore
 
-from db import repository as repo
-from db.engine import make_session_factory
-from pacs.sender import Peer
-from pacs.structured_report import (
+from tests.db_fixtures import at, fresh_sqlite_url, instance_rec, migrated_engine, model_rec
+from tests.procs import free_port
+from thyrocad.db import repository as repo
+from thyrocad.db.engine import make_session_factory
+from thyrocad.pacs.sender import Peer
+from thyrocad.pacs.structured_report import (
     FINDING_CODES,
     STATEMENT,
     ImageFinding,
@@ -31,8 +33,6 @@ from pacs.structured_report import (
     report_uids,
     store_report,
 )
-from tests.db_fixtures import at, fresh_sqlite_url, instance_rec, migrated_engine, model_rec
-from tests.procs import free_port
 from thyrocad.settings import load_settings
 
 US = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -246,7 +246,7 @@ def test_nobody_listening_is_transient() -> None:
 
 @pytest.fixture
 def worker_ctx(tmp_path: Path, scp: dict[str, Any]) -> Iterator[Any]:
-    from worker.context import WorkerContext
+    from thyrocad.worker.context import WorkerContext
 
     url = fresh_sqlite_url(tmp_path)
     peer = scp["peer"]
@@ -269,8 +269,8 @@ def _study_result(ctx: Any, probability: float, when: dt.datetime) -> int:
     result's id (a new revision whenever the probability changes)."""
     from sqlalchemy import select
 
-    from db.schema import Study
     from tests.db_fixtures import predict_all
+    from thyrocad.db.schema import Study
 
     sha = f"{round(probability * 100):02d}".ljust(64, "0")
     with ctx.sessions.begin() as session:
@@ -303,7 +303,7 @@ def _study_result(ctx: Any, probability: float, when: dt.datetime) -> int:
 def test_dispatch_records_sent_then_skips_and_a_new_revision_is_a_new_report(
     worker_ctx: Any, scp: dict[str, Any]
 ) -> None:
-    from worker.archive_tasks import dispatch_report
+    from thyrocad.worker.archive_tasks import dispatch_report
 
     dest = worker_ctx.settings.sr_destination
     first = _study_result(worker_ctx, 0.8, at(10))
@@ -329,7 +329,7 @@ def test_dispatch_records_sent_then_skips_and_a_new_revision_is_a_new_report(
 def test_dispatch_failures_are_stored_with_their_reason(
     worker_ctx: Any, scp: dict[str, Any]
 ) -> None:
-    from worker.archive_tasks import dispatch_report
+    from thyrocad.worker.archive_tasks import dispatch_report
 
     dest = worker_ctx.settings.sr_destination
     result = _study_result(worker_ctx, 0.8, at(10))

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from models.synth import VIEWS, SynthImage, synth_patient
+from thyrocad.models.synth import VIEWS, SynthImage, synth_patient
 
 SIZE = 64
 

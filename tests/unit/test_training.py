@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models.architectures import build_head
-from models.data import split_by_patient
-from models.errors import DatasetError, ModelsError
-from models.training import XLA_MIN_HEAD_PARAMS, TrainConfig, TrainResult, train
+from thyrocad.models.architectures import build_head
+from thyrocad.models.data import split_by_patient
+from thyrocad.models.errors import DatasetError, ModelsError
+from thyrocad.models.training import XLA_MIN_HEAD_PARAMS, TrainConfig, TrainResult, train
 
 SIZE = 32
 

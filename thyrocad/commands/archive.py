@@ -89,9 +89,9 @@ def backfill(
     0 all complete, 1 some studies failed, 2 some not arrived or classified in time,
     130 interrupted.
     """
-    from pacs.archive import ArchiveClient, ArchiveError, StudyFilter
-    from pacs.backfill import Backfill, BackfillOptions
-    from pacs.sender import Peer
+    from thyrocad.pacs.archive import ArchiveClient, ArchiveError, StudyFilter
+    from thyrocad.pacs.backfill import Backfill, BackfillOptions
+    from thyrocad.pacs.sender import Peer
 
     s = settings()
     try:
@@ -160,10 +160,10 @@ def backfill(
 
 def _get_intake(s: Any, session_factory: Any) -> tuple[Any, Any]:
     """The listener's spool and intake, in this process, for what C-GET brings."""
-    from pacs.intake import Intake
-    from pacs.spool import Spool
+    from thyrocad.pacs.intake import Intake
+    from thyrocad.pacs.spool import Spool
     from thyrocad.serve import publisher
-    from worker.app import create_app
+    from thyrocad.worker.app import create_app
 
     spool = Spool(s.spool_dir, s.spool_min_free_mb * 2**20)
     intake = Intake(session_factory, publisher(create_app(s)))
@@ -304,9 +304,9 @@ def send_reports(
     ] = None,
 ) -> None:
     """Queue the Structured Report of each latest study result not sent yet (failed ones again)."""
-    from db import repository
-    from worker.app import create_app
-    from worker.report_queue import mark_and_queue
+    from thyrocad.db import repository
+    from thyrocad.worker.app import create_app
+    from thyrocad.worker.report_queue import mark_and_queue
 
     s = settings()
     if not s.sr_destination:

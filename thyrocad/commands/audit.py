@@ -70,7 +70,7 @@ def audit(
 ) -> None:
     """The audit trail, oldest first: associations, instances received, labels, model
     promotions and rollbacks, refits, backfills, SR sent, results read. No patient data."""
-    from db import repository
+    from thyrocad.db import repository
 
     s = settings()
     start = parse_since(since) if since else None

@@ -62,7 +62,7 @@ def ensure_schema(s: Settings, *, service: bool = False) -> None:
     ``service``: a long-running process, which starts even when the database is
     unreachable (see :func:`check_database`).
     """
-    from db.engine import upgrade
+    from thyrocad.db.engine import upgrade
 
     if not s.database_url:
         s.data_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def ensure_schema(s: Settings, *, service: bool = False) -> None:
 
 def sessions(s: Settings) -> Any:
     """A session factory for the configured database (migrated first when embedded)."""
-    from db.engine import make_engine, make_session_factory
+    from thyrocad.db.engine import make_engine, make_session_factory
 
     ensure_schema(s)
     return make_session_factory(make_engine(s.db_url))
@@ -83,7 +83,7 @@ def check_database(s: Settings) -> None:
     """At the start of a service: UserError for a database that is not there or has no
     schema; one warning when it is unreachable (the service waits for it: a listener
     spools meanwhile, workers retry)."""
-    from db.engine import current_revision
+    from thyrocad.db.engine import current_revision
 
     try:
         revision = current_revision(s.db_url)
@@ -103,7 +103,7 @@ def read_sessions(s: Settings) -> Any:
     database. DatabaseMissing (naming the place looked at) when there is none there."""
     from sqlalchemy.engine import make_url
 
-    from db.engine import current_revision, is_sqlite, make_engine, make_session_factory
+    from thyrocad.db.engine import current_revision, is_sqlite, make_engine, make_session_factory
 
     where = database_name(s)
     if is_sqlite(s.db_url):
@@ -129,7 +129,7 @@ def peer_tls(s: Settings, enabled: bool) -> ssl.SSLContext | None:
     """The TLS context of an association thyrocad opens with ``--tls``, else None."""
     if not enabled:
         return None
-    from pacs.tls import TlsConfig, client_context
+    from thyrocad.pacs.tls import TlsConfig, client_context
 
     return client_context(TlsConfig(*s.tls_files))
 

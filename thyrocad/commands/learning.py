@@ -92,8 +92,8 @@ def _add_one(
     source: str,
 ) -> int:
     """Add one label; RepositoryError with a message fit for the person who typed it."""
-    from db import repository
-    from db.errors import RepositoryError
+    from thyrocad.db import repository
+    from thyrocad.db.errors import RepositoryError
 
     try:
         return repository.add_label(
@@ -122,8 +122,8 @@ def _add(
     by: str | None,
     note: str | None,
 ) -> None:
-    from db import repository
-    from db.errors import RepositoryError
+    from thyrocad.db import repository
+    from thyrocad.db.errors import RepositoryError
 
     s = settings()
     if (study is None) == (patient is None):
@@ -206,7 +206,7 @@ def label_import(
     labelled_by (default --by, then the login name) and note. Every row is checked
     first; one bad row imports nothing and every problem is listed with its line.
     """
-    from db.errors import RepositoryError
+    from thyrocad.db.errors import RepositoryError
 
     s = settings()
     try:
@@ -266,7 +266,7 @@ def label_history(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Every label (of one study or patient), oldest first; '*' marks the one in force."""
-    from db import repository
+    from thyrocad.db import repository
 
     s = settings()
     with read_sessions(s)() as session:
@@ -320,17 +320,17 @@ def retrain(
     """
     s = settings()
     if enqueue:
-        from worker.app import create_app
+        from thyrocad.worker.app import create_app
 
         create_app(s)
-        from worker.learning_tasks import retrain as retrain_task
+        from thyrocad.worker.learning_tasks import retrain as retrain_task
 
         retrain_task.apply_async(kwargs={"force": force, "trigger": "cli"})
         console.print("refit sent to the 'training' queue; see 'thyrocad training-runs'")
         return
 
-    from db.engine import make_engine
-    from worker.retraining import refit
+    from thyrocad.db.engine import make_engine
+    from thyrocad.worker.retraining import refit
 
     ensure_schema(s)
     engine = make_engine(s.db_url)
@@ -385,7 +385,7 @@ def training_runs(
     limit: int = 20, json_out: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Recorded refits, newest first: outcome, reason, duration, hold-out AUCs."""
-    from worker.learning_store import training_runs as runs
+    from thyrocad.worker.learning_store import training_runs as runs
 
     s = settings()
     with read_sessions(s)() as session:
@@ -440,16 +440,16 @@ def rescore(
     """
     from kombu.exceptions import OperationalError as BrokerError
 
-    from worker.app import create_app
-    from worker.rescoring import NothingToRescore, request_rescore
-    from worker.rescoring import progress as rescore_progress
+    from thyrocad.worker.app import create_app
+    from thyrocad.worker.rescoring import NothingToRescore, request_rescore
+    from thyrocad.worker.rescoring import progress as rescore_progress
 
     s = settings()
     if since is None and study is None:
         raise fail("give --since DATE (and/or --study UID)")
     since_utc = since.astimezone(dt.UTC) if since is not None else None
     create_app(s)
-    from worker.tasks import infer
+    from thyrocad.worker.tasks import infer
 
     unpublished: list[int] = []
 
@@ -507,7 +507,7 @@ def models_rollback() -> None:
     Workers switch without a restart. Results already computed keep their version;
     'thyrocad rescore' recomputes them under the restored model.
     """
-    from db import repository
+    from thyrocad.db import repository
 
     s = settings()
     now = dt.datetime.now(dt.UTC)
@@ -536,8 +536,8 @@ def models_rollback() -> None:
 
 def _registry_follows(root: Path, version: str) -> None:
     """Point the registry's own 'active' at ``version`` too (the database is what serves)."""
-    from models.errors import RegistryError
-    from models.registry import Registry
+    from thyrocad.models.errors import RegistryError
+    from thyrocad.models.registry import Registry
 
     registry = Registry(root)
     try:

@@ -61,7 +61,7 @@ def train(
     promote: Annotated[bool, typer.Option(help="Make the new version active.")] = False,
 ) -> None:
     """Train a model as the paper describes (patient split), evaluate it, register it."""
-    from models.errors import ModelsError
+    from thyrocad.models.errors import ModelsError
 
     _check_train_options(
         data, arch, epochs, batch_size, input_size, weights, test_fraction, validation_fraction
@@ -86,7 +86,7 @@ def train(
     except (ModelsError, ValueError) as exc:
         raise fail(str(exc)) from exc
     if promote:
-        from worker.versions import promote_version
+        from thyrocad.worker.versions import promote_version
 
         promote_version(s, version, registry or s.registry_dir)
     console.print(version)
@@ -103,7 +103,7 @@ def _check_train_options(
     validation_fraction: float,
 ) -> None:
     """UserError for the first unusable option, before any image is read."""
-    from models.architectures import ARCH_SPECS, ARCHITECTURES
+    from thyrocad.models.architectures import ARCH_SPECS, ARCHITECTURES
 
     if arch not in ARCH_SPECS:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
@@ -139,8 +139,8 @@ def _train(
     early_stopping: int | None,
     augment_variants: int,
 ) -> str:
-    from models.data import discover
-    from pacs.datasets import load_images
+    from thyrocad.models.data import discover
+    from thyrocad.pacs.datasets import load_images
 
     records = discover(data, tuple(s.classes))
     with progress() as bar:
@@ -171,7 +171,7 @@ def train_and_register(
 ) -> str:
     """``models.registration.train_and_register`` with a per-epoch progress bar and a
     metrics table; the classes and the positive class come from the settings."""
-    from models.registration import train_and_register as run
+    from thyrocad.models.registration import train_and_register as run
 
     epochs = int(options.get("epochs", 100))
     with progress() as bar:
@@ -229,18 +229,18 @@ def evaluate(
     bootstrap: int = 1000,
 ) -> None:
     """Image- and patient-level metrics with 95 % bootstrap intervals."""
-    from models.errors import ModelsError
-    from models.evaluation import evaluate as run_eval
-    from models.evaluation_report import report_to_json, write_report
-    from models.predictions_csv import read_predictions_csv
+    from thyrocad.models.errors import ModelsError
+    from thyrocad.models.evaluation import evaluate as run_eval
+    from thyrocad.models.evaluation_report import report_to_json, write_report
+    from thyrocad.models.predictions_csv import read_predictions_csv
 
     s = settings()
     try:
         if predictions is not None:
             labels, probs, patients, classes = read_predictions_csv(predictions)
         elif model is not None and data is not None:
-            from models.registry import Registry
-            from pacs.datasets import load_dataset
+            from thyrocad.models.registry import Registry
+            from thyrocad.pacs.datasets import load_dataset
 
             classifier = Registry(registry or s.registry_dir).load(model)
             loaded = load_dataset(data, classifier.input_size, classifier.classes)
@@ -284,7 +284,7 @@ def _predict_all(classifier: Any, images: Any, batch: int = 32) -> Any:
 @models_app.command("list")
 def models_list(registry: Annotated[Path | None, typer.Option()] = None) -> None:
     """Versions on disk; the active one is marked."""
-    from models.registry import Registry
+    from thyrocad.models.registry import Registry
 
     root = registry or settings().registry_dir
     if not root.is_dir():  # Registry() would create it: a listing creates nothing
@@ -315,8 +315,8 @@ def models_list(registry: Annotated[Path | None, typer.Option()] = None) -> None
 @models_app.command("show")
 def models_show(version: str, registry: Annotated[Path | None, typer.Option()] = None) -> None:
     """The metadata of one version."""
-    from models.errors import RegistryError
-    from models.registry import Registry
+    from thyrocad.models.errors import RegistryError
+    from thyrocad.models.registry import Registry
 
     try:
         v = Registry(registry or settings().registry_dir).get(version)
@@ -328,8 +328,8 @@ def models_show(version: str, registry: Annotated[Path | None, typer.Option()] =
 @models_app.command("promote")
 def models_promote(version: str, registry: Annotated[Path | None, typer.Option()] = None) -> None:
     """Make VERSION the active model for the pipeline (workers pick it up without restart)."""
-    from models.errors import RegistryError
-    from worker.versions import promote_version
+    from thyrocad.models.errors import RegistryError
+    from thyrocad.worker.versions import promote_version
 
     s = settings()
     try:

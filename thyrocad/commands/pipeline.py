@@ -35,7 +35,7 @@ db_app = typer.Typer(help="Database schema and roles.", no_args_is_help=True)
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply the database migrations."""
-    from db.engine import upgrade
+    from thyrocad.db.engine import upgrade
 
     s = settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
@@ -49,8 +49,8 @@ def db_reader_role(
     password: Annotated[str | None, typer.Option(help="LOGIN password for the role.")] = None,
 ) -> None:
     """Create a read-only PostgreSQL role that can query the result views only."""
-    from db.engine import make_engine
-    from db.roles import create_readonly_role
+    from thyrocad.db.engine import make_engine
+    from thyrocad.db.roles import create_readonly_role
 
     try:
         for statement in create_readonly_role(make_engine(settings().db_url), role, password):
@@ -151,7 +151,7 @@ def worker(
     banner: Annotated[bool, typer.Option(help="Print Celery's start-up banner.")] = True,
 ) -> None:
     """Run a Celery worker (any number, on any machine)."""
-    from worker.app import QUEUES, create_app
+    from thyrocad.worker.app import QUEUES, create_app
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(chosen) - set(QUEUES)) or ([] if chosen else ["(none)"])
@@ -208,7 +208,7 @@ def beat(
     banner: Annotated[bool, typer.Option(help="Print Celery's start-up banner.")] = True,
 ) -> None:
     """Run the scheduler (exactly one per deployment)."""
-    from worker.app import create_app
+    from thyrocad.worker.app import create_app
 
     s = settings()
     ensure_schema(s, service=True)
@@ -238,8 +238,8 @@ def send(
     tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """Send DICOM files with C-STORE, with a progress bar."""
-    from pacs.errors import SendError
-    from pacs.sender import Peer, iter_dicom_files, send_files
+    from thyrocad.pacs.errors import SendError
+    from thyrocad.pacs.sender import Peer, iter_dicom_files, send_files
 
     try:
         peer = Peer.parse(to, aet, tls=peer_tls(settings(), tls))
@@ -271,8 +271,8 @@ def results(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Latest patient results, each followed by its studies (date, accession, Study UID)."""
-    from db import repository
     from thyrocad.commands.archive import report_dicts
+    from thyrocad.db import repository
 
     s = settings()
     with read_sessions(s).begin() as session:
@@ -299,8 +299,8 @@ def results(
 
 def audit_read(session: Any, query: str, details: dict[str, Any]) -> None:
     """Audit a read of results through this CLI, by this OS user (no patient data)."""
-    from db import repository
-    from db.repository.audit import RESULTS_READ
+    from thyrocad.db import repository
+    from thyrocad.db.repository.audit import RESULTS_READ
 
     repository.record_audit_event(
         session, RESULTS_READ, actor=repository.default_actor(), details={"query": query, **details}
@@ -393,8 +393,8 @@ def _result_dict(r: Any) -> dict[str, Any]:
 @app.command()
 def status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Instances by state, queue depth, active model."""
-    from db import repository
-    from worker.app import create_app, queue_depths
+    from thyrocad.db import repository
+    from thyrocad.worker.app import create_app, queue_depths
 
     s = settings()
     with read_sessions(s).begin() as session:

@@ -1,0 +1,1 @@
+"""The radiologists' web page: worklist, study evidence, labels, models (thyrocad web)."""

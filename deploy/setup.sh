@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set thyrocad up on a fresh Debian/Ubuntu machine: DICOM peers and Prometheus
+# Set thyrocad up on a fresh Debian/Ubuntu machine: DICOM peers, Prometheus and chromium
 # for the tests, a virtual environment with the package. With --services it
 # also installs (if missing) and starts PostgreSQL and Redis on loopback.
 set -euo pipefail
@@ -20,7 +20,7 @@ apt_install() {
 }
 
 if command -v apt-get >/dev/null 2>&1; then
-  apt_install dcmtk orthanc prometheus openssl
+  apt_install dcmtk orthanc prometheus openssl chromium
   [ $with_services -eq 1 ] && apt_install postgresql redis-server
 fi
 

@@ -20,6 +20,34 @@ from thyrocad.models.errors import ModelsError, RegistryError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 32
+MIXED_POLICY = "mixed_float16"
+
+
+def _output_layers(model: Any) -> list[Any]:
+    """The layers that compute ``model``'s outputs, looking inside nested sub-models."""
+    found = []
+    for tensor in model.outputs:
+        operation = tensor._keras_history.operation
+        if isinstance(operation, keras.Model):
+            found += _output_layers(operation)
+        else:
+            found.append(operation)
+    return found
+
+
+def use_mixed_precision(model: Any) -> None:
+    """Make a built ``model`` compute in ``mixed_float16``, its output layers in float32.
+
+    A model saved in float32 keeps float32 in every layer's config, so a global
+    ``mixed_float16`` policy set before loading changes nothing; the policy is set on
+    the loaded layers instead (variables stay float32, computation is float16). The
+    layers that make the outputs (the softmax classifier) stay float32, as Keras'
+    mixed precision guide asks, so probabilities come out in float32.
+    """
+    keep = {id(layer) for layer in _output_layers(model)}
+    for layer in model._flatten_layers(include_self=True):
+        if id(layer) not in keep:
+            layer.dtype_policy = MIXED_POLICY
 
 
 def compiled_call(model: Any, input_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -91,6 +119,7 @@ class Classifier:
         # Large batches are cut so activations stay bounded (VGG-19 at 224 px needs
         # about 13 MB per image); the signature's None batch avoids retracing per size.
         self.max_batch = max_batch
+        self.precision = "float32"
         expected_in = (None, self.input_size, self.input_size, 1)
         if tuple(model.input_shape) != expected_in:
             raise ModelsError(f"model takes {model.input_shape}, expected {expected_in}")
@@ -111,6 +140,12 @@ class Classifier:
     ) -> Classifier:
         """Wrap an in-memory Keras model (e.g. just trained) as a Classifier."""
         return cls(model, version, architecture, classes, input_size)
+
+    def use_mixed_precision(self) -> None:
+        """Compute in ``mixed_float16`` from now on (on a GPU; see :func:`use_mixed_precision`)."""
+        use_mixed_precision(self.model)
+        self.precision = MIXED_POLICY
+        self._call = compiled_call(self.model, self.input_size)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Return float32 ``(N, n_classes)`` probabilities for uint8 ``(N, H, W[, 1])``."""
@@ -139,7 +174,8 @@ class Classifier:
     def __repr__(self) -> str:
         return (
             f"Classifier(version={self.version!r}, architecture={self.architecture!r}, "
-            f"classes={self.classes!r}, input_size={self.input_size})"
+            f"classes={self.classes!r}, input_size={self.input_size}, "
+            f"precision={self.precision!r}, max_batch={self.max_batch})"
         )
 
 

@@ -18,7 +18,9 @@ One small HTTP server per process on ``THYROCAD_METRICS_PORT`` (0 disables it):
 
 A listener whose database or broker is down still acknowledges instances
 (the spool holds them); it reports unready so that operators see it, not so
-that traffic is taken away from it.
+that traffic is taken away from it. A worker's ``/readyz`` also names its
+device (``"device": {"name": "gpu:0", "backend": "jax", ...}``), as the
+``thyrocad_worker_device_info`` metric does.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from thyrocad.settings import Settings
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector, CollectorRegistry
 
+    from thyrocad.worker.device import DeviceReport
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("listener", "inference", "worker", "beat")
@@ -64,6 +68,7 @@ class Readiness:
         settings: Settings,
         role: str,
         loaded_versions: Callable[[], set[str]] | None = None,
+        device: DeviceReport | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; one of {ROLES}")
@@ -75,6 +80,7 @@ class Readiness:
         self._sessions = make_session_factory(self._engine)
         self._app = probe_app(settings)
         self._loaded_versions = loaded_versions or (lambda: set())
+        self.device = device  # a worker's; shown as it is, not a check
         self._failures: dict[str, str] = {}
 
     def _log_failure(self, check: str, exc: BaseException | None) -> None:
@@ -226,6 +232,8 @@ def _handler(server: HealthServer) -> type[BaseHTTPRequestHandler]:
                     "role": server.readiness.role,
                     "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
                 }
+                if server.readiness.device is not None:
+                    body["device"] = server.readiness.device.as_dict()
                 self._json(200 if ok else 503, body)
             else:
                 self._json(404, {"error": "not found"})
@@ -251,12 +259,15 @@ def start_health_server(
     settings: Settings,
     role: str,
     collectors: Iterable[Collector] = (),
+    device: DeviceReport | None = None,
 ) -> HealthServer | None:
     """Serve metrics and health for this process; None when THYROCAD_METRICS_PORT is 0."""
     if not settings.metrics_port:
         return None
     registry = metrics.scrape_registry(collectors)
-    readiness = Readiness(settings, role, lambda: metrics.loaded_versions(registry))
+    if device is not None:
+        metrics.worker_device(device.device, device.backend)
+    readiness = Readiness(settings, role, lambda: metrics.loaded_versions(registry), device)
     try:
         server = HealthServer(settings.metrics_host, settings.metrics_port, registry, readiness)
     except OSError as exc:
@@ -279,14 +290,18 @@ def listener_collectors(settings: Settings, spool: Any) -> list[Collector]:
 
 
 def start_worker_health(
-    settings: Settings, queues: Sequence[str], pool: str
+    settings: Settings,
+    queues: Sequence[str],
+    pool: str,
+    device: DeviceReport | None = None,
 ) -> HealthServer | None:
     """Metrics and health of a Celery worker, before ``worker_main``.
 
     Call before the app is created: a prefork pool needs multiprocess mode set
     up before ``prometheus_client`` is imported. Installs the worker observer,
     the task failure/retry signals, and (in processes that predict) a thread
-    that keeps the active model loaded.
+    that keeps the active model loaded. ``device`` (what the worker command's
+    probe found) goes into ``/readyz`` and ``thyrocad_worker_device_info``.
     """
     if not settings.metrics_port:
         return None
@@ -297,7 +312,7 @@ def start_worker_health(
 
     inference = "inference" in queues
     signals.install(watch_model=inference, prefork=prefork)
-    return start_health_server(settings, "inference" if inference else "worker")
+    return start_health_server(settings, "inference" if inference else "worker", device=device)
 
 
 def start_beat_health(settings: Settings) -> HealthServer | None:

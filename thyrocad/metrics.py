@@ -237,6 +237,13 @@ class _Metrics:
             ["model_version"],
             multiprocess_mode="livemax",
         )
+        # The device an inference worker runs its model on (worker.device).
+        self.worker_device = Gauge(
+            "thyrocad_worker_device_info",
+            "1 for the device and Keras backend this worker runs its model on.",
+            ["device", "backend"],
+            multiprocess_mode="livemax",
+        )
         # Training
         self.training_runs = Counter(
             "thyrocad_training_runs", "Training runs, by outcome.", ["outcome"]
@@ -331,6 +338,11 @@ def model_loaded(version: str) -> None:
     if previous is not None and previous != label:
         m.model_loaded.labels(previous).set(0)
     m.model_loaded.labels(label).set(1)
+
+
+def worker_device(device: str, backend: str) -> None:
+    """Record the device (``cpu``, ``gpu:N``) and Keras backend this worker predicts on."""
+    metrics().worker_device.labels(safe_label(device), safe_label(backend)).set(1)
 
 
 def number(value: object) -> float:

@@ -29,6 +29,7 @@ from thyrocad.pacs.spool import Spool
 from thyrocad.settings import Settings, load_settings
 from thyrocad.worker import task_policy
 from thyrocad.worker.claims import ClaimBook, set_node_name, worker_name
+from thyrocad.worker.device import Device, batch_size
 from thyrocad.worker.model_holder import ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WorkerContext:
-    """What tasks in one process share."""
+    """What tasks in one process share.
+
+    ``settings`` are this process's effective settings: on a GPU worker
+    (``THYROCAD_WORKER_DEVICE=gpu:N``) ``batch_max`` holds ``THYROCAD_GPU_BATCH_MAX``,
+    so a drain claims as many images as one forward pass on the GPU takes.
+    """
 
     settings: Settings
     engine: Engine
@@ -45,11 +51,14 @@ class WorkerContext:
     frame_policy: FramePolicy
     models: ModelHolder
     claims: ClaimBook
+    device: Device = field(default_factory=Device)
     # Hook for metrics: called with an event name and its fields.
     observe: Callable[[str, dict[str, Any]], None] = field(default=lambda event, fields: None)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
+        device = Device.parse(settings.worker_device)
+        settings = settings.model_copy(update={"batch_max": batch_size(device, settings)})
         engine = make_engine(settings.db_url)
         return cls(
             settings=settings,
@@ -57,8 +66,9 @@ class WorkerContext:
             sessions=make_session_factory(engine),
             spool=Spool(settings.spool_dir),
             frame_policy=FramePolicy.parse(settings.frame_policy),
-            models=ModelHolder(),
+            models=ModelHolder(device, settings),
             claims=ClaimBook(worker_name()),
+            device=device,
         )
 
     def wait_for_database(self, timeout: float, interval: float = 0.5) -> bool:

@@ -149,9 +149,19 @@ def worker(
     concurrency: int = 1,
     name: str = "worker",
     banner: Annotated[bool, typer.Option(help="Print Celery's start-up banner.")] = True,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, or gpu:N to run the model on GPU N (one per worker process); "
+            "overrides THYROCAD_WORKER_DEVICE."
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker (any number, on any machine)."""
+    import os
+
     from thyrocad.worker.app import QUEUES, create_app
+    from thyrocad.worker.device import Device, DeviceError, pin_environment, probe
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(chosen) - set(QUEUES)) or ([] if chosen else ["(none)"])
@@ -166,8 +176,22 @@ def worker(
         raise UserError("--concurrency is at least 1")
     queues = ",".join(chosen)
     s = settings()
+    try:
+        target = Device.parse(device if device is not None else s.worker_device)
+    except DeviceError as exc:
+        raise UserError(str(exc)) from None
+    if target.name != s.worker_device:  # pool children and context read it from here
+        s = State.settings = s.model_copy(update={"worker_device": target.name})
+        os.environ["THYROCAD_WORKER_DEVICE"] = target.name
     ensure_schema(s, service=True)
     needs_model = {"inference", "training"} & set(chosen)
+    # Before any Keras backend is imported (they read CUDA_VISIBLE_DEVICES once).
+    try:
+        pin_environment(target)
+        asked = f"--device {target.name}" if device is not None else ""
+        report = probe(target, s, asked=asked) if needs_model else None
+    except DeviceError as exc:
+        raise UserError(str(exc)) from None
     # TensorFlow writes to the raw stderr when imported: import it now, as log records.
     # (Not in a prefork parent: TensorFlow is not safe to carry across fork.)
     if s.log_json and needs_model and pool != "prefork":
@@ -180,7 +204,7 @@ def worker(
     from thyrocad.health import start_worker_health
 
     # Before the app: a prefork pool needs multiprocess metrics set up first.
-    start_worker_health(s, queues.split(","), pool)
+    start_worker_health(s, queues.split(","), pool, report)
     celery = create_app(s)
     celery.worker_main(
         [

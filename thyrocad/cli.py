@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from thyrocad.commands import archive, audit, learning, models, pipeline
+from thyrocad.commands import archive, audit, learning, models, pipeline, web
 from thyrocad.commands.common import State, fail
 from thyrocad.errors import explain, settings_message
 from thyrocad.logs import configure_logging
@@ -82,11 +82,12 @@ app = typer.Typer(
     # Locals can hold a database URL with its password.
     pretty_exceptions_show_locals=False,
 )
-for module in (models, pipeline, learning, archive, audit):
+for module in (models, pipeline, learning, archive, audit, web):
     app.registered_commands += module.app.registered_commands
 app.add_typer(models.models_app, name="models")
 app.add_typer(pipeline.db_app, name="db")
 app.add_typer(learning.label_app, name="label")
+app.add_typer(web.users_app, name="users")
 
 
 def _print_version(value: bool) -> None:

@@ -35,7 +35,9 @@ class ArchSpec:
     """Everything the paper fixes about one architecture: one table, one home.
 
     ``frozen_layers`` counts layers of the base (its InputLayer included, as in the
-    Keras guide the paper follows); ``None`` freezes the whole base.
+    Keras guide the paper follows); ``None`` freezes the whole base. ``evidence_layer``
+    names the base's last convolutional block, whose activations Grad-CAM weighs
+    (``models.gradcam``).
     """
 
     name: str
@@ -47,6 +49,7 @@ class ArchSpec:
     preprocessing: str
     min_input_size: int
     weights_file: str
+    evidence_layer: str
 
     def base_factory(self) -> Any:
         """Return the ``keras.applications`` constructor of this architecture's base."""
@@ -67,6 +70,7 @@ ARCH_SPECS: Mapping[str, ArchSpec] = MappingProxyType(
             preprocessing="caffe",
             min_input_size=32,
             weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            evidence_layer="block5_conv4",  # the input of block5_pool
         ),
         "inception_v3": ArchSpec(
             name="inception_v3",
@@ -78,6 +82,7 @@ ARCH_SPECS: Mapping[str, ArchSpec] = MappingProxyType(
             preprocessing="tf",
             min_input_size=75,
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            evidence_layer="mixed10",
         ),
     }
 )

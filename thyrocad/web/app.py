@@ -100,6 +100,7 @@ class WebContext:
     clock: Callable[[], float]
     templates: Jinja2Templates
     metrics: WebMetrics
+    page_size: int = PAGE_SIZE
     cache: PngCache = field(default_factory=PngCache)
     secure_cookies: bool = False
 
@@ -118,13 +119,15 @@ def create_app(
     clock: Callable[[], float] = time.time,
     passwords: Passwords | None = None,
     secret: bytes | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> FastAPI:
     """The web application for ``settings``.
 
     ``sessions``: the main database (default: ``settings.db_url``); ``read_sessions``:
     where pages read (default: ``THYROCAD_WEB_READ_DATABASE_URL`` when it can read what
     the pages need, else the main database); ``clock`` (seconds since the epoch) and
-    ``secret`` (the cookie key, default :func:`~thyrocad.web.auth.secret_key`) for tests.
+    ``secret`` (the cookie key, default :func:`~thyrocad.web.auth.secret_key`) for tests;
+    ``page_size``: worklist rows per page.
     """
     from thyrocad.db.engine import make_engine, make_session_factory
 
@@ -151,6 +154,7 @@ def create_app(
         clock=clock,
         templates=Jinja2Templates(env=environment),
         metrics=metrics,
+        page_size=page_size,
     )
     app = FastAPI(title="thyrocad", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
@@ -355,7 +359,7 @@ def _routes(app: FastAPI, ctx: WebContext) -> None:
         newer = _int_param(params.get("newer_than"), "newer_than", problems)
         with ctx.read_sessions() as session:
             page = worklist.worklist_page(
-                session, filters, limit=PAGE_SIZE, older_than=older, newer_than=newer
+                session, filters, limit=ctx.page_size, older_than=older, newer_than=newer
             )
             total = worklist.worklist_count(session, filters)
             versions = worklist.result_model_versions(session)
@@ -664,7 +668,7 @@ def _date_param(value: str | None, name: str, problems: list[str]) -> date | Non
     try:
         return date.fromisoformat(value)
     except ValueError:
-        problems.append(f"'{name}' is not a date (YYYY-MM-DD): ignored")
+        problems.append(f"The {name} date is not a date (write YYYY-MM-DD): ignored.")
         return None
 
 
@@ -674,7 +678,9 @@ def _int_param(value: str | None, name: str, problems: list[str]) -> int | None:
     try:
         return int(value)
     except ValueError:
-        problems.append(f"'{name}' is not a number: ignored")
+        problems.append(
+            f"The page link is broken ({name} is not a number): showing the first page."
+        )
         return None
 
 

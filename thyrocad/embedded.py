@@ -1,7 +1,8 @@
 """Run the whole pipeline on one machine as local processes, stopped together.
 
 listener · inference worker · control worker (aggregation, maintenance,
-training) · beat. Child processes read the same settings from the environment.
+training) · beat · web page. Child processes read the same settings from the
+environment.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "THYROCAD_METRICS_PORT": str(settings.metrics_port),
         "THYROCAD_LOG_JSON": "1" if settings.log_json else "0",
         "THYROCAD_LOG_LEVEL": settings.log_level,
+        "THYROCAD_WEB_HOST": settings.web_host,
+        "THYROCAD_WEB_PORT": str(settings.web_port),
         "DATABASE_URL": settings.db_url,
         "CELERY_BROKER_URL": settings.broker_url,
     }
@@ -81,6 +84,9 @@ def process_commands() -> dict[str, list[str]]:
             "--no-banner",
         ],
         "beat": [*cli, "beat", "--no-banner"],
+        # Last: the others keep their metrics ports (THYROCAD_METRICS_PORT + position);
+        # the web page serves its /metrics on its own port.
+        "web": [*cli, "web"],
     }
 
 
@@ -90,7 +96,9 @@ class Supervisor:
     one that dies, stops them all on Ctrl-C or SIGTERM.
 
     A process that keeps dying (``max_restarts`` within ``restart_window`` seconds)
-    stops them all: something is wrong that a restart will not mend.
+    stops them all: something is wrong that a restart will not mend. Only an
+    ``optional`` one (the web page) is given up on alone: a page that cannot start
+    (its port taken, say) must not stop the DICOM pipeline.
     """
 
     settings: Settings
@@ -103,6 +111,7 @@ class Supervisor:
     log_dir: Path | None = None
     max_restarts: int = 5
     restart_window: float = 60.0
+    optional: frozenset[str] = frozenset({"web"})
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)
 
@@ -161,6 +170,10 @@ class Supervisor:
             while True:
                 ended = self.poll()
                 if ended is not None and not self.restart(ended):
+                    if ended in self.optional:
+                        logger.error("%s keeps exiting; the pipeline goes on without it", ended)
+                        del self.processes[ended]
+                        continue
                     logger.error("%s keeps exiting; stopping the pipeline", ended)
                     return 1
                 time.sleep(0.5)

@@ -60,6 +60,17 @@ def check_ports_free(settings: Settings, *, embedded: bool = False) -> None:
                 raise
 
 
+def listener_spool(settings: Settings) -> Spool:
+    """The spool instances are received into, named by its absolute path.
+
+    Workers read each instance at the path recorded here, on their own machine and from
+    their own working directory: a relative ``THYROCAD_DATA_DIR`` (the default,
+    ``./thyrocad-data``) would record paths that mean something only where the listener
+    runs. Symbolic links are kept, so the path is the one other machines mount.
+    """
+    return Spool(settings.spool_dir.absolute(), settings.spool_min_free_mb * 2**20)
+
+
 def publisher(app: Celery) -> Callable[[list[int]], None]:
     """Publish an inference task for instance ids; fail fast when the broker is down."""
 
@@ -112,7 +123,7 @@ def start_service(
     sessions = make_session_factory(make_engine(settings.db_url))
     app = create_app(settings)
     publish = publisher(app)
-    spool = Spool(settings.spool_dir, settings.spool_min_free_mb * 2**20)
+    spool = listener_spool(settings)
     kwargs = {"observer": observer} if observer else {}
     intake = Intake(sessions, publish, **kwargs)  # type: ignore[arg-type]
     intake.start()
@@ -206,7 +217,7 @@ def run_listener_processes(settings: Settings) -> int:
     }
     supervisor = Supervisor(settings, commands=commands, own_metrics_port=False)
     supervisor.start()
-    spool = Spool(settings.spool_dir, settings.spool_min_free_mb * 2**20)
+    spool = listener_spool(settings)
     health = start_health_server(settings, "listener", listener_collectors(settings, spool))
     try:
         return supervisor.wait()

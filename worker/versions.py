@@ -19,13 +19,18 @@ from thyrocad.settings import Settings
 def version_record(
     saved: Any, now: dt.datetime, status_reason: str | None = None
 ) -> ModelVersionRecord:
-    """The database's candidate row for a registry version (``models.registry.ModelVersion``)."""
+    """The database's candidate row for a registry version (``models.registry.ModelVersion``).
+
+    The artifact path is recorded absolute but with its symbolic links kept: workers on
+    other machines mount the registry at the path the settings name (``/data/models``),
+    not at wherever a link on this machine points (``Path.resolve`` would record that).
+    """
     return ModelVersionRecord(
         version=saved.version,
         architecture=saved.architecture,
         classes=tuple(saved.classes),
         input_size=saved.input_size,
-        artifact_path=str(saved.path.resolve()),
+        artifact_path=str(saved.path.absolute()),
         status="candidate",
         status_reason=status_reason,
         metrics=saved.metadata.get("metrics") or {},

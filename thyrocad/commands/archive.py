@@ -161,11 +161,10 @@ def backfill(
 def _get_intake(s: Any, session_factory: Any) -> tuple[Any, Any]:
     """The listener's spool and intake, in this process, for what C-GET brings."""
     from thyrocad.pacs.intake import Intake
-    from thyrocad.pacs.spool import Spool
-    from thyrocad.serve import publisher
+    from thyrocad.serve import listener_spool, publisher
     from thyrocad.worker.app import create_app
 
-    spool = Spool(s.spool_dir, s.spool_min_free_mb * 2**20)
+    spool = listener_spool(s)
     intake = Intake(session_factory, publisher(create_app(s)))
     intake.start()
     return spool, intake

@@ -356,3 +356,14 @@ class AuditEventRecord:
     actor: str
     outcome: str
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvidenceRecord:
+    """The evidence map of one prediction: an 8-bit grey PNG at the grid of ``layer``,
+    255 at the map's peak, made by ``method`` (``grad-cam``)."""
+
+    prediction_id: int
+    method: str
+    layer: str
+    png: bytes

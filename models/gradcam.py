@@ -432,8 +432,9 @@ def _final_layer(model: Any) -> Any | None:
 def _logit_input(model: Any) -> Any | None:
     """The input tensor of the softmax/sigmoid layer ending ``model``'s own graph."""
     history = model.outputs[0]._keras_history
-    operation = history.operation
-    if isinstance(operation, keras.Model) or operation is not _final_layer(model):
+    operation: Any = history.operation
+    final = _final_layer(model)
+    if final is None or isinstance(operation, keras.Model) or operation is not final:
         return None
     node = operation._inbound_nodes[history.node_index]
     return _single(list(node.input_tensors), f"input of {operation.name}", model)

@@ -207,6 +207,15 @@ class _Metrics:
             "Images per inference batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        self.evidence_seconds = Histogram(
+            "thyrocad_evidence_batch_duration_seconds",
+            "Grad-CAM time of one inference batch (THYROCAD_EVIDENCE_MAPS), PNGs included.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.evidence_failures = Counter(
+            "thyrocad_evidence_failures",
+            "Predictions stored without their evidence map because computing it failed.",
+        )
         self.predictions = Counter(
             "thyrocad_predictions",
             "Stored image predictions, by predicted class and model version.",
@@ -343,6 +352,14 @@ def model_loaded(version: str) -> None:
 def worker_device(device: str, backend: str) -> None:
     """Record the device (``cpu``, ``gpu:N``) and Keras backend this worker predicts on."""
     metrics().worker_device.labels(safe_label(device), safe_label(backend)).set(1)
+
+
+def observe_evidence(seconds: float, failed: int) -> None:
+    """Record one batch's Grad-CAM time and the predictions it left without a map."""
+    m = metrics()
+    m.evidence_seconds.observe(max(0.0, float(seconds)))
+    if failed:
+        m.evidence_failures.inc(failed)
 
 
 def number(value: object) -> float:

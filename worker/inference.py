@@ -24,10 +24,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from thyrocad.db import repository
 from thyrocad.db.records import ClaimedInstance, PredictionRecord
+from thyrocad.db.repository.predictions import save_predictions_with_ids
+from thyrocad.metrics import observe_evidence
 from thyrocad.pacs.errors import PixelError, SpoolError
 from thyrocad.pacs.pixels import FrameImage, images_from_file
 from thyrocad.worker.claims import heartbeat
 from thyrocad.worker.context import WorkerContext
+from thyrocad.worker.evidence import compute_evidence, log_missing, store_batch_evidence
 
 if TYPE_CHECKING:
     from thyrocad.models.classifier import Classifier
@@ -118,7 +121,8 @@ def _claim_and_decode(
 
 
 def predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Classifier) -> int:
-    """Run ``classifier`` on a decoded batch and upsert its predictions."""
+    """Run ``classifier`` on a decoded batch and upsert its predictions (with their
+    evidence maps when ``settings.evidence_maps``)."""
     applied = _predict_and_store(ctx, batch, classifier)
     ctx.claims.close(batch.token)  # on an error the caller releases the batch
     return applied
@@ -149,10 +153,24 @@ def _predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Clas
         )
         for (item, frame), probs in zip(batch.frames, probabilities, strict=True)
     ]
+    # Evidence is computed before the transaction (it is slow) and stored in it, so with
+    # THYROCAD_EVIDENCE_MAPS an instance is never "predicted" without its maps, unless
+    # computing them failed: then the predictions are stored anyway, logged and counted.
+    evidence = (
+        compute_evidence(classifier, pixels, ctx.settings.positive_class)
+        if ctx.settings.evidence_maps
+        else None
+    )
+    missing: list[int] = []
     with ctx.sessions.begin() as session:
-        applied = repository.save_predictions(session, records, batch.token, utcnow())
+        stored = save_predictions_with_ids(session, records, batch.token, utcnow())
+        if evidence is not None:
+            missing = store_batch_evidence(session, evidence, records, stored)
     ctx.observe("batch", {"size": len(pixels), "seconds": seconds, "records": records})
-    return applied
+    if evidence is not None:
+        log_missing(evidence, missing, classifier.version)
+        observe_evidence(evidence.seconds, len(missing))
+    return len(stored)
 
 
 def _active_classifier(ctx: WorkerContext) -> Classifier:

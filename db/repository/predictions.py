@@ -12,7 +12,10 @@ from sqlalchemy.orm import Session
 
 from thyrocad.db.records import PredictionRecord
 from thyrocad.db.repository._common import _UNCLAIMED, _insert, _no_sync, _now
-from thyrocad.db.schema import Instance, Prediction, Study
+from thyrocad.db.schema import EvidenceMap, Instance, Prediction, Study
+
+# (instance id, frame index, model version): a prediction's natural key.
+PredictionKey = tuple[int, int, str]
 
 
 def save_predictions(
@@ -22,6 +25,21 @@ def save_predictions(
     now: datetime | None = None,
 ) -> int:
     """Store predictions, mark their instances ``predicted``; return predictions stored.
+
+    What :func:`save_predictions_with_ids` does, counting what it returns.
+    """
+    return len(save_predictions_with_ids(session, predictions, token, now))
+
+
+def save_predictions_with_ids(
+    session: Session,
+    predictions: Sequence[PredictionRecord],
+    token: str | None,
+    now: datetime | None = None,
+) -> dict[PredictionKey, int]:
+    """Store predictions, mark their instances ``predicted``; return the stored ones'
+    row ids by (instance id, frame index, model version). A stored prediction loses the
+    evidence map of an earlier computation (see ``store_evidence``).
 
     With ``token``, an instance counts only while this worker still holds its
     claim (state ``processing``, same token); predictions for any other
@@ -35,7 +53,7 @@ def save_predictions(
     instances are marked ``needs_finalise``.
     """
     if not predictions:
-        return 0
+        return {}
     now = _now(now)
     instance_ids = sorted({p.instance_id for p in predictions})
     conditions: list[ColumnElement[bool]] = [Instance.id.in_(instance_ids)]
@@ -45,7 +63,7 @@ def save_predictions(
         session.execute(select(Instance.study_id).where(*conditions).distinct()).scalars()
     )
     if not study_ids:
-        return 0
+        return {}
     # Studies are written before instances, the order register_instance locks
     # them in, so the two can never deadlock on PostgreSQL. The epoch tells a
     # finaliser reading this study right now that its result is already stale.
@@ -74,7 +92,7 @@ def save_predictions(
     unique = {(p.instance_id, p.frame_index, p.model_version): p for p in predictions}
     kept = [p for p in unique.values() if p.instance_id in owned]
     if not kept:
-        return 0
+        return {}
 
     frames: dict[tuple[int, str], set[int]] = {}
     for p in kept:
@@ -91,7 +109,7 @@ def save_predictions(
         )
 
     ins = _insert(session, Prediction)
-    session.execute(
+    stored = session.execute(
         ins.values(
             [
                 {
@@ -106,7 +124,8 @@ def save_predictions(
                 }
                 for p in kept
             ]
-        ).on_conflict_do_update(
+        )
+        .on_conflict_do_update(
             index_elements=[
                 Prediction.instance_id,
                 Prediction.frame_index,
@@ -120,6 +139,17 @@ def save_predictions(
                 "created_at": ins.excluded.created_at,
             },
         )
+        .returning(
+            Prediction.id, Prediction.instance_id, Prediction.frame_index, Prediction.model_version
+        )
+    ).all()
+    ids = {(row.instance_id, row.frame_index, row.model_version): row.id for row in stored}
+    # A prediction written again (its instance's bytes may have been replaced) keeps its
+    # row but not the evidence of its previous computation; the caller stores the new
+    # map in this same transaction (``repository.evidence.store_evidence``).
+    session.execute(
+        delete(EvidenceMap)
+        .where(EvidenceMap.prediction_id.in_(sorted(ids.values())))
+        .execution_options(**_no_sync())
     )
-
-    return len(kept)
+    return ids

@@ -20,7 +20,7 @@ apt_install() {
 }
 
 if command -v apt-get >/dev/null 2>&1; then
-  apt_install dcmtk orthanc prometheus openssl chromium
+  apt_install dcmtk orthanc prometheus openssl chromium iproute2  # iproute2: ip netns, for test_multihost
   [ $with_services -eq 1 ] && apt_install postgresql redis-server
 fi
 

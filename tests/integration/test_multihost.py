@@ -482,8 +482,14 @@ def _hold_a_claim_then_die(site: Site, victim: str, total: int, seed: int) -> li
 
 
 def test_a_worker_host_killed_mid_batch_leaves_the_other_to_finish(site: Site) -> None:
-    files, sender = _send(site, seed=72)
-    held = _hold_a_claim_then_die(site, "gpu2", len(files), 72)
+    # gpu1 is frozen (SIGSTOP) until gpu2 dies, so that gpu2 surely holds claims then.
+    survivor = site.host("gpu1")
+    site.lab.kill_host(survivor, signal.SIGSTOP)
+    try:
+        files, sender = _send(site, seed=72)
+        held = _hold_a_claim_then_die(site, "gpu2", len(files), 72)
+    finally:
+        site.lab.kill_host(survivor, signal.SIGCONT)
     killed_at = time.monotonic()
     assert sender.wait(120) == 0, (site.folder / "storescu-72.log").read_text()
     assert not netns.netns_pids(site.host("gpu2").netns), "a process survived on gpu2"

@@ -468,13 +468,45 @@ def demo(
             "none, with no download), imagenet (downloads if needed), none, or a file."
         ),
     ] = "auto",
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait",
+            help="Exit once the results and the web page's address are printed (the "
+            "default when stdout is not a terminal), instead of serving until Ctrl-C.",
+        ),
+    ] = False,
 ) -> None:
-    """Synthetic studies → quick model → embedded pipeline → C-STORE → per-patient table."""
+    """Synthetic studies → quick model → embedded pipeline → C-STORE → per-patient table
+    → the web page's address with a demo login."""
+    import sys
+
     from thyrocad.commands.models import train_and_register
-    from thyrocad.demo import run_demo
+    from thyrocad.demo import DemoRow, run_demo
+
+    def show(rows: list[DemoRow]) -> None:
+        table = Table(
+            "patient",
+            "true",
+            "predicted",
+            "P(autoimmune)",
+            "images",
+            title="demo results (synthetic data)",
+        )
+        for row in rows:
+            table.add_row(
+                row.patient_id, row.truth, row.predicted, f"{row.probability:.3f}", str(row.images)
+            )
+        console.print(table)
+        correct = sum(r.truth == r.predicted for r in rows)
+        console.print(f"{correct}/{len(rows)} patients classified correctly")
+
+    def out(line: str) -> None:
+        # One line each, never wrapped: the address and the command are copied from here.
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
     try:
-        rows = run_demo(
+        run_demo(
             settings(),
             patients=patients,
             train_patients=train_patients,
@@ -484,21 +516,9 @@ def demo(
             say=err.print,
             train=train_and_register,
             weights=weights,
+            show=show,
+            out=out,
+            wait=sys.stdout.isatty() and not no_wait,
         )
     except (TimeoutError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
-    table = Table(
-        "patient",
-        "true",
-        "predicted",
-        "P(autoimmune)",
-        "images",
-        title="demo results (synthetic data)",
-    )
-    for row in rows:
-        table.add_row(
-            row.patient_id, row.truth, row.predicted, f"{row.probability:.3f}", str(row.images)
-        )
-    console.print(table)
-    correct = sum(r.truth == r.predicted for r in rows)
-    console.print(f"{correct}/{len(rows)} patients classified correctly")

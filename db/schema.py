@@ -154,7 +154,8 @@ class Study(Base):
     patient_id: Mapped[int] = mapped_column(
         ForeignKey("patients.id", ondelete="CASCADE"), index=True
     )
-    study_date: Mapped[date | None]
+    # Indexed for the web page's worklist filtered by date (migration 0006).
+    study_date: Mapped[date | None] = mapped_column(index=True)
     accession_number: Mapped[str | None]
     description: Mapped[str | None]
     first_received_at: Mapped[datetime]

@@ -35,6 +35,8 @@ from thyrocad.db.schema import (
 NO_FINDING = "none"
 #: The most rows one worklist page holds.
 MAX_PAGE_SIZE = 200
+#: Past this many studies the worklist says "more than" instead of counting on.
+COUNT_CAP = 1000
 
 
 @dataclass(frozen=True)
@@ -300,10 +302,25 @@ def _any(session: Session, filters: WorklistFilters, condition: Any) -> bool:
     return session.execute(query).first() is not None
 
 
-def worklist_count(session: Session, filters: WorklistFilters = WorklistFilters()) -> int:
-    """How many studies the worklist holds under ``filters``."""
-    query = _worklist_query(filters, (func.count(),))
-    return int(session.execute(query).scalar_one())
+def worklist_count(
+    session: Session, filters: WorklistFilters = WorklistFilters(), *, cap: int | None = None
+) -> int:
+    """How many studies the worklist holds under ``filters``.
+
+    With ``cap``, counting stops past it: the answer is ``cap + 1`` when there are
+    more than ``cap``. The page counts so: an exact count reads every result of every
+    study (over 100 ms at 100,000 studies on a small server), a capped one stops once
+    it has seen enough, walking the results in the page's own order.
+    """
+    if cap is None:
+        return int(session.execute(_worklist_query(filters, (func.count(),))).scalar_one())
+    found = (
+        _worklist_query(filters, (StudyResultRow.id,))
+        .order_by(StudyResultRow.id.desc())
+        .limit(cap + 1)
+        .subquery()
+    )
+    return int(session.execute(select(func.count()).select_from(found)).scalar_one())
 
 
 def _decorate(session: Session, found: Sequence[Any]) -> list[WorklistRow]:
@@ -616,6 +633,7 @@ def evidence_png(session: Session, prediction_id: int) -> bytes | None:
 
 
 __all__ = [
+    "COUNT_CAP",
     "NO_FINDING",
     "ImageSource",
     "LabelInForce",

@@ -37,7 +37,7 @@ from tests.integration.web_data import (
 from thyrocad.cli import app as cli_app
 from thyrocad.db import repository as repo
 from thyrocad.db.engine import make_session_factory
-from thyrocad.db.repository import users
+from thyrocad.db.repository import users, worklist
 from thyrocad.db.roles import create_readonly_role
 from thyrocad.db.schema import AuditEventRow, Label
 from thyrocad.settings import Settings, load_settings
@@ -348,6 +348,19 @@ def test_labelled_column_shows_the_label_in_force(site: Site) -> None:
     html = client.get("/?labelled=yes&from=2025-01-01&to=2025-01-01").text
     row = re.search(rf'<tr data-study-id="{labelled}">.*?</tr>', html, re.S).group(0)
     assert "normal" in row and "dr-seed" in row
+
+
+def test_counting_stops_past_the_cap(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make_session_factory(site.engine)() as session:
+        assert worklist.worklist_count(session) == 13
+        assert worklist.worklist_count(session, cap=20) == 13
+        assert worklist.worklist_count(session, cap=5) == 6  # "more than 5"
+        labelled = worklist.WorklistFilters(labelled=True)
+        assert worklist.worklist_count(session, labelled, cap=3) == 4
+        assert worklist.worklist_count(session, labelled, cap=4) == 4
+    monkeypatch.setattr(worklist, "COUNT_CAP", 10)
+    text = Page(site.client("dr-read").get("/").text).text
+    assert "more than 10 studies" in text
 
 
 def test_a_bad_filter_is_said_not_guessed(site: Site) -> None:

@@ -48,7 +48,7 @@ from thyrocad.web.images import (
     png,
 )
 from thyrocad.web.observability import RequestObserver, WebMetrics
-from thyrocad.web.reading import page_read_sessions
+from thyrocad.web.reading import page_read_sessions, web_engine
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +129,10 @@ def create_app(
     ``secret`` (the cookie key, default :func:`~thyrocad.web.auth.secret_key`) for tests;
     ``page_size``: worklist rows per page.
     """
-    from thyrocad.db.engine import make_engine, make_session_factory
+    from thyrocad.db.engine import make_session_factory
 
     if sessions is None:
-        sessions = make_session_factory(make_engine(settings.db_url))
+        sessions = make_session_factory(web_engine(settings.db_url))
     if read_sessions is None:
         read_sessions = page_read_sessions(settings, sessions)
     environment = Environment(
@@ -361,7 +361,7 @@ def _routes(app: FastAPI, ctx: WebContext) -> None:
             page = worklist.worklist_page(
                 session, filters, limit=ctx.page_size, older_than=older, newer_than=newer
             )
-            total = worklist.worklist_count(session, filters)
+            total = worklist.worklist_count(session, filters, cap=worklist.COUNT_CAP)
             versions = worklist.result_model_versions(session)
             classes = _classes(ctx, session)
         _audit(
@@ -394,6 +394,7 @@ def _routes(app: FastAPI, ctx: WebContext) -> None:
             {
                 "page": page,
                 "total": total,
+                "count_cap": worklist.COUNT_CAP,
                 "filters": filters,
                 "form": keep,
                 "versions": versions,

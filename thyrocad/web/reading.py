@@ -39,6 +39,18 @@ READ_TABLES: tuple[str, ...] = (
 )
 
 
+def web_engine(url: str) -> Engine:
+    """An engine for the web page. On PostgreSQL its sessions run without JIT
+    compilation: the worklist's queries are short, and the planner's cost estimates for
+    them (an anti-join per result) cross ``jit_above_cost``, where compiling alone took
+    20 ms of a 70 ms query in ``bench/bench_worklist.py``."""
+    from thyrocad.db.engine import is_sqlite, make_engine
+
+    if is_sqlite(url):
+        return make_engine(url)
+    return make_engine(url, connect_args={"options": "-c jit=off"})
+
+
 def unreadable_tables(engine: Engine) -> list[str]:
     """The tables of :data:`READ_TABLES` this engine's role may not SELECT."""
     missing = []
@@ -56,12 +68,12 @@ def unreadable_tables(engine: Engine) -> list[str]:
 
 def page_read_sessions(settings: Settings, main: sessionmaker[Session]) -> sessionmaker[Session]:
     """The session factory pages read through (see the module docstring)."""
-    from thyrocad.db.engine import make_engine, make_session_factory
+    from thyrocad.db.engine import make_session_factory
 
     url = settings.web_read_database_url
     if not url:
         return main
-    engine = make_engine(url)
+    engine = web_engine(url)
     missing = unreadable_tables(engine)
     if missing:
         engine.dispose()

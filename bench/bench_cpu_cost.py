@@ -16,7 +16,12 @@ grey, resize, store the prediction) and in the aggregation. Each is measured as 
   AE and socket tuning, a handler that only takes the received buffer), header parse and
   validation, the spool write (SHA-256, write, fsync of file and folder; fsync's wall time
   shown apart: it is waiting, not CPU), registration and the Celery publish, then decode
-  + crop + grey + resize alone.
+  + crop + grey + resize alone;
+- **the spool reconciler**: one periodic pass (``pacs.intake.reconcile_spool``, files
+  written since 10 s before the last pass) over these instances, by the spool that wrote
+  them, as the listener's own reconciler runs (counted in the total), and by one that did
+  not (the files of another listener process). At the 60 s default a file is in one
+  pass, or two when written within 10 s before a pass: the total counts one.
 
 Baseline in the same run: a bare ``pydicom.dcmread`` + ``dcmwrite`` of the same file in
 memory. Rounds repeat with new UIDs; figures are medians of the rounds (each round shown).
@@ -191,6 +196,10 @@ class Round:
     register_services: float = 0.0
     publish: float = 0.0
     publish_services: float = 0.0
+    reconcile: float = 0.0
+    reconcile_services: float = 0.0
+    reconcile_foreign: float = 0.0
+    reconcile_foreign_services: float = 0.0
     decode: float = 0.0
     baseline: float = 0.0
 
@@ -281,7 +290,7 @@ def breakdown_round(
     from pydicom import dcmread, dcmwrite
 
     from thyrocad.db.engine import make_engine, make_session_factory, upgrade
-    from thyrocad.pacs.intake import register_and_publish, to_record
+    from thyrocad.pacs.intake import reconcile_spool, register_and_publish, to_record
     from thyrocad.pacs.meta import describe, read_dataset
     from thyrocad.pacs.pixels import FramePolicy, images_from_file
     from thyrocad.pacs.spool import Spool
@@ -317,6 +326,7 @@ def breakdown_round(
     out.sha256 = own_cpu() - started
 
     spool = Spool(folder / "spool")
+    written_at = time.time()
     started, wall = own_cpu(), time.perf_counter()
     entries = [
         spool.write(m.sop_instance_uid, [blob]) for m, blob in zip(metas, blobs, strict=True)
@@ -360,6 +370,18 @@ def breakdown_round(
         out.publish_services = publish_meter.services * scale
         out.register = (meter.mine - publish_meter.mine) * scale
         out.register_services = (meter.services - publish_meter.services) * scale
+        # The listener's periodic spool reconciler, one pass over the files written since
+        # the last: with the spool that wrote them (the listener's own), and with a spool
+        # that did not (another listener process; a listener restarted since).
+        since = written_at - 10.0  # serve.RECONCILE_MARGIN_SECONDS before the writes
+        for attr, who in (("reconcile", spool), ("reconcile_foreign", Spool(spool.root))):
+            meter = Meter(p, db_url)
+            with meter.measure():
+                found = reconcile_spool(who, sessions, publish, modified_since=since)
+            if found:
+                raise RuntimeError(f"the reconciler found {found} unregistered instances")
+            setattr(out, attr, meter.mine)
+            setattr(out, f"{attr}_services", meter.services)
         engine.dispose()
 
     policy = FramePolicy()
@@ -442,6 +464,7 @@ def report(rounds: list[Round], args: argparse.Namespace) -> None:
 
     stages = [
         ("listener", "listener_services"),
+        ("reconcile", "reconcile_services"),
         ("worker", "worker_services"),
         ("aggregation", "aggregation_services"),
     ]
@@ -455,12 +478,13 @@ def report(rounds: list[Round], args: argparse.Namespace) -> None:
     )
     rows: list[list[object]] = [
         row("listener process (receive, parse, spool, register, queue)", *stages[0]),
-        row("worker: claim, decode, crop, grey, resize, store", *stages[1]),
-        row("aggregation: finalise the studies", *stages[2]),
+        row("listener's spool reconciler, one pass", *stages[1]),
+        row("worker: claim, decode, crop, grey, resize, store", *stages[2]),
+        row("aggregation: finalise the studies", *stages[3]),
         [
             "TOTAL outside the model",
-            ms("listener", "worker", "aggregation"),
-            ms("listener_services", "worker_services", "aggregation_services"),
+            ms(*(mine for mine, _ in stages)),
+            ms(*(services for _, services in stages)),
             total,
             " / ".join(f"{per_image(r, *attrs):.2f}" for r in rounds),
         ],
@@ -471,6 +495,10 @@ def report(rounds: list[Round], args: argparse.Namespace) -> None:
         row("    of which SHA-256", "sha256"),
         row("  registration (batches of 64)", "register", "register_services"),
         row("  Celery publish + mark queued", "publish", "publish_services"),
+        row(
+            "  reconciler pass, files another process wrote",
+            *("reconcile_foreign", "reconcile_foreign_services"),
+        ),
         row("  decode + crop + grey + resize", "decode"),
         row("baseline: pydicom dcmread + dcmwrite in memory", "baseline"),
     ]

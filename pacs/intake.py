@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from thyrocad.db import repository
 from thyrocad.db.records import AuditEvent, InstanceRecord, RefusedStudy, RegisterOutcome
+from thyrocad.db.repository.receiving import known_instances
 from thyrocad.pacs.errors import InvalidInstance, SpoolError
 from thyrocad.pacs.meta import InstanceMeta, describe, read_dataset
 from thyrocad.pacs.spool import Spool, SpoolEntry
@@ -371,25 +372,33 @@ def reconcile_spool(
 
     ``modified_since`` (seconds since the epoch) skips files last written before then:
     the periodic reconciler passes the start of its previous complete pass, so a file
-    is read and hashed on one or two passes instead of on every pass for as long as it
-    stays in the spool (a full pass over 1.4 MB images costs about 3 ms per file).
-    Returns how many instances were registered. Unreadable files are logged and left
-    in place for an operator: the spool never deletes what it acknowledged.
+    is looked at on one or two passes instead of on every pass for as long as it stays
+    in the spool. A file this process's ``spool`` wrote is not read again when the
+    database holds the digest it had then (reading and hashing a 1.44 MB image costs
+    about 1.4 ms of CPU); others are read and hashed. Returns how many instances were
+    registered. Unreadable files are logged and left in place for an operator: the
+    spool never deletes what it acknowledged.
     """
     paths = [path for path in spool.entries() if _written_since(path, modified_since)]
     missing: list[InstanceRecord] = []
     for start in range(0, len(paths), 256):
         chunk = paths[start : start + 256]
         with session_factory() as session:
-            known = [repository.known_instance(session, path.stem) for path in chunk]
-        for path, found in zip(chunk, known, strict=True):
-            record = _unregistered(spool, path, None if found is None else found[1])
+            known = known_instances(session, [path.stem for path in chunk])
+        for path in chunk:
+            found = known.get(path.stem)
+            if found is not None and spool.written_digest(path) == found.sha256:
+                continue  # the database has the bytes this process wrote there
+            record = _unregistered(spool, path, None if found is None else found.sha256)
             if record is not None:
                 missing.append(record)
     for start in range(0, len(missing), 256):
         register_and_publish(session_factory, missing[start : start + 256], publish, now)
     if missing:
         logger.info("reconciled %d spooled instances", len(missing))
+    if modified_since is not None:
+        # Later periodic passes start after this one: older files are not looked at again.
+        spool.forget_written_before(modified_since)
     return len(missing)
 
 

@@ -3,6 +3,10 @@
 An instance is acknowledged only after its bytes are in the spool: written to a
 temporary file, flushed with fsync, renamed into place, and the folder fsynced,
 so a crash at any point leaves either the whole file or nothing.
+
+A spool remembers the SHA-256 of the files it wrote lately (:meth:`Spool.written_digest`),
+so the listener's reconciler, which compares every new file with the database, need not
+read and hash again what this process has just written (1.4 ms of CPU per 1.44 MB image).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +39,17 @@ class Spool:
     """Instances stored as ``<root>/<2 hex>/<SOP Instance UID>.dcm``."""
 
     SUFFIX = ".dcm"
+    #: Files whose digest is remembered, at most (about 450 bytes each): more than the
+    #: reconciler's interval and margin (70 s) hold at 100 images/s.
+    RECENT_MAX = 10_000
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        # path -> (inode, size, mtime in ns, sha256) of a file this spool wrote.
+        self._recent: OrderedDict[str, tuple[int, int, int, str]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def path_for(self, sop_instance_uid: str) -> Path:
         """Where an instance lives; the fan-out folder keeps directories small."""
@@ -69,6 +81,7 @@ class Spool:
                     digest.update(part)
                 handle.flush()
                 os.fsync(handle.fileno())
+                written = os.fstat(handle.fileno())  # a rename keeps inode and mtime
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(target.parent)
@@ -78,12 +91,42 @@ class Spool:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
+        sha256 = digest.hexdigest()
+        with self._recent_lock:
+            key = str(target)
+            self._recent.pop(key, None)
+            self._recent[key] = (written.st_ino, written.st_size, written.st_mtime_ns, sha256)
+            while len(self._recent) > self.RECENT_MAX:
+                self._recent.popitem(last=False)
         return SpoolEntry(
             sop_instance_uid=sop_instance_uid,
             path=target,
-            sha256=digest.hexdigest(),
+            sha256=sha256,
             size_bytes=size,
         )
+
+    def written_digest(self, path: Path | str, stat: os.stat_result | None = None) -> str | None:
+        """The SHA-256 this spool computed when it wrote ``path``, while the file is still
+        that file (same inode, size and modification time); else None (read it)."""
+        with self._recent_lock:
+            known = self._recent.get(str(path))
+        if known is None:
+            return None
+        try:
+            now = stat if stat is not None else os.stat(path)
+        except OSError:
+            return None
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != known[:3]:
+            return None
+        return known[3]
+
+    def forget_written_before(self, when: float) -> None:
+        """Forget the digests of files last written before ``when`` (seconds since the
+        epoch): the reconciler's periodic passes no longer look at them."""
+        cutoff = int(when * 1e9)
+        with self._recent_lock:
+            for key in [k for k, v in self._recent.items() if v[2] < cutoff]:
+                del self._recent[key]
 
     def read(self, path: Path | str) -> bytes:
         """The bytes of a spooled instance."""

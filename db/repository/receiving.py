@@ -435,3 +435,16 @@ def known_instance(session: Session, sop_instance_uid: str) -> KnownInstance | N
         )
     ).one_or_none()
     return None if row is None else KnownInstance(row.id, row.sha256, row.state)
+
+
+def known_instances(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, KnownInstance]:
+    """:func:`known_instance` of many UIDs in one query: (id, sha256, state) by SOP Instance
+    UID, for the registered ones only."""
+    if not sop_instance_uids:
+        return {}
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.id, Instance.sha256, Instance.state).where(
+            Instance.sop_instance_uid.in_(sorted(set(sop_instance_uids)))
+        )
+    )
+    return {row[0]: KnownInstance(row[1], row[2], row[3]) for row in rows}

@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_cpu_cost.py"
 STAGES = (
     "listener process (receive, parse, spool, register, queue)",
+    "listener's spool reconciler, one pass",
     "worker: claim, decode, crop, grey, resize, store",
     "aggregation: finalise the studies",
     "TOTAL outside the model",
@@ -21,6 +22,7 @@ STAGES = (
     "spool: SHA-256, write, fsync file + folder",
     "registration (batches of 64)",
     "Celery publish + mark queued",
+    "reconciler pass, files another process wrote",
     "decode + crop + grey + resize",
     "baseline: pydicom dcmread + dcmwrite in memory",
 )

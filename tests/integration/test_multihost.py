@@ -434,6 +434,7 @@ def test_studies_from_another_host_are_split_over_two_worker_hosts(site: Site) -
     # Each worker counted what it predicted; Prometheus on central would see the same.
     counted = {gpu: site.predictions_counted(gpu) for gpu in ("gpu1", "gpu2")}
     assert counted == {"gpu1": by_worker["gpu1@gpu1/0"], "gpu2": by_worker["gpu2@gpu2/0"]}
+    sys.stderr.write(f"\n{len(files)} instances predicted by {by_worker}\n")
 
     # The listener saw the modality's own address, not a local one.
     addresses = site.rows(

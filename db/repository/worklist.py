@@ -280,7 +280,7 @@ def worklist_page(
         if older_than is not None:
             query = query.where(StudyResultRow.id < older_than)
         query = query.order_by(StudyResultRow.id.desc())
-    found = session.execute(query.limit(limit + 1)).all()
+    found = list(session.execute(query.limit(limit + 1)).all())
     more = len(found) > limit
     found = found[:limit]
     if backwards:

@@ -180,6 +180,15 @@ def test_sign_in_sets_a_private_cookie_and_goes_to_the_worklist(site: Site) -> N
     assert last[0] is not None
 
 
+def test_over_https_the_cookie_is_secure(site: Site) -> None:
+    plain = sign_in(site.client(), "dr-lab").headers["set-cookie"].lower()
+    assert "secure" not in plain
+    client = TestClient(site.app(), base_url="https://testserver", follow_redirects=False)
+    answer = sign_in(client, "dr-lab")
+    assert "; secure" in answer.headers["set-cookie"].lower()
+    assert "; secure" in client.get("/").headers["set-cookie"].lower()  # renewed: still
+
+
 @pytest.mark.parametrize(
     ("username", "password", "reason"),
     [

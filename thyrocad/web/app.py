@@ -86,6 +86,7 @@ class Viewer:
 
     user: users.WebUserRecord
     session: SessionData
+    https: bool = False  # as the client sees it (behind a TLS proxy: X-Forwarded-Proto)
 
 
 @dataclass
@@ -102,7 +103,6 @@ class WebContext:
     metrics: WebMetrics
     page_size: int = PAGE_SIZE
     cache: PngCache = field(default_factory=PngCache)
-    secure_cookies: bool = False
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -210,7 +210,7 @@ def _viewer(ctx: WebContext, request: Request, *, image: bool = False) -> Viewer
         user = users.get_user(session, data.user_id)
     if user is None or user.disabled:
         raise NotSignedIn(image)
-    viewer = Viewer(user, data)
+    viewer = Viewer(user, data, request.url.scheme == "https")
     request.state.viewer = viewer
     return viewer
 
@@ -218,16 +218,18 @@ def _viewer(ctx: WebContext, request: Request, *, image: bool = False) -> Viewer
 def _keep_session(ctx: WebContext, response: Response, viewer: Viewer) -> None:
     """Renew the idle timer: the cookie again, with this request's time."""
     renewed = SessionData(viewer.user.id, viewer.session.csrf_token, ctx.clock())
-    _set_cookie(ctx, response, ctx.cookies.dump(renewed))
+    _set_cookie(response, ctx.cookies.dump(renewed), secure=viewer.https)
 
 
-def _set_cookie(ctx: WebContext, response: Response, value: str) -> None:
+def _set_cookie(response: Response, value: str, *, secure: bool) -> None:
+    """The session cookie; Secure when the page is reached over HTTPS (a TLS proxy in
+    front, whose X-Forwarded-Proto uvicorn trusts from 127.0.0.1)."""
     response.set_cookie(
         COOKIE_NAME,
         value,
         httponly=True,
         samesite="lax",
-        secure=ctx.secure_cookies,
+        secure=secure,
         path="/",
     )
 
@@ -328,7 +330,11 @@ def _routes(app: FastAPI, ctx: WebContext) -> None:
         ctx.metrics.sign_ins.labels("success").inc()
         logger.info("web sign-in", extra={"user": user.username, "role": user.role})
         response = RedirectResponse("/", status_code=303)
-        _set_cookie(ctx, response, ctx.cookies.dump(ctx.cookies.new(user.id, ctx.clock())))
+        _set_cookie(
+            response,
+            ctx.cookies.dump(ctx.cookies.new(user.id, ctx.clock())),
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @app.post("/logout")

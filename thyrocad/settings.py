@@ -136,6 +136,13 @@ class Settings(BaseSettings):
             raise ValueError("a log level is DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # Paths under it are recorded in the database and read by other processes, which
+        # may run from another folder or on another host: never a relative path.
+        return value.expanduser().absolute()
+
     @field_validator("worker_device")
     @classmethod
     def _check_worker_device(cls, value: str) -> str:

@@ -88,3 +88,12 @@ def test_a_refused_setting_is_one_line_naming_the_variable(monkeypatch: pytest.M
     )
     monkeypatch.delenv("THYROCAD_CLASSES")
     assert load_settings(log_level="debug").log_level == "DEBUG"
+
+
+def test_a_relative_data_dir_becomes_absolute(tmp_path, monkeypatch) -> None:
+    """Paths under the data folder are stored in the database and read by processes that
+    run elsewhere; a relative one would mean a different file to each of them."""
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(data_dir=Path("site"))
+    assert settings.data_dir == tmp_path / "site"
+    assert settings.spool_dir.is_absolute() and settings.registry_dir.is_absolute()

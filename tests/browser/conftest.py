@@ -153,7 +153,7 @@ def png_peak(png: bytes) -> int:
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as img:
-        return int(max(img.convert("L").getdata()))
+        return int(img.convert("L").getextrema()[1])
 
 
 @pytest.fixture(scope="module")

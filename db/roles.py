@@ -8,6 +8,7 @@ owner, so the role can read every view without any grant on the base tables
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from sqlalchemy import Engine, text
 
@@ -18,7 +19,10 @@ _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def create_readonly_role(
-    engine: Engine, role: str = "thyrocad_reader", password: str | None = None
+    engine: Engine,
+    role: str = "thyrocad_reader",
+    password: str | None = None,
+    tables: Sequence[str] = (),
 ) -> list[str]:
     """Create (or bring up to date) a LOGIN role that may only SELECT the views.
 
@@ -38,6 +42,9 @@ def create_readonly_role(
         )
     if not _ROLE_NAME.match(role):
         raise ValueError(f"role name {role!r} must match {_ROLE_NAME.pattern}")
+    unknown = [t for t in tables if not _ROLE_NAME.match(t)]
+    if unknown:
+        raise ValueError(f"not table names: {', '.join(map(repr, unknown))}")
     quote = engine.dialect.identifier_preparer.quote
     executed: list[str] = []
     with engine.begin() as connection:
@@ -64,7 +71,7 @@ def create_readonly_role(
             f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
             *(
                 f"GRANT SELECT ON {quote(schema)}.{quote(view)} TO {quote(role)}"
-                for view in VIEW_NAMES
+                for view in (*VIEW_NAMES, *tables)
             ),
         ]
         for statement in statements:

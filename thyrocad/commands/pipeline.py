@@ -47,13 +47,24 @@ def db_upgrade(revision: str = "head") -> None:
 def db_reader_role(
     role: str = "thyrocad_reader",
     password: Annotated[str | None, typer.Option(help="LOGIN password for the role.")] = None,
+    web: Annotated[
+        bool,
+        typer.Option(
+            "--web",
+            help="Also SELECT on the tables the web page reads, for "
+            "THYROCAD_WEB_READ_DATABASE_URL (still read-only).",
+        ),
+    ] = False,
 ) -> None:
     """Create a read-only PostgreSQL role that can query the result views only."""
     from thyrocad.db.engine import make_engine
     from thyrocad.db.roles import create_readonly_role
+    from thyrocad.web.reading import READ_TABLES
 
+    tables = READ_TABLES if web else ()
     try:
-        for statement in create_readonly_role(make_engine(settings().db_url), role, password):
+        engine = make_engine(settings().db_url)
+        for statement in create_readonly_role(engine, role, password, tables):
             console.print(
                 statement if "PASSWORD" not in statement else "CREATE ROLE … PASSWORD '***'"
             )

@@ -243,7 +243,9 @@ def _torch(ex: _Explainer) -> Callable[[np.ndarray, int], np.ndarray]:
 
 # --------------------------------------------------------------------------- cutting the model
 
-_cache: weakref.WeakKeyDictionary[Any, dict[str, _Explainer]] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, tuple[str, ...]], _Explainer]] = (
+    weakref.WeakKeyDictionary()
+)
 _cache_lock = threading.Lock()
 
 # One step of a chain-shaped model, to be called on a new tensor.
@@ -254,11 +256,21 @@ Locate = Callable[[Any], Any]
 
 def _explainer(model: Any, layer_name: str) -> _Explainer:
     """The cut of ``model`` at ``layer_name``, made once per model and layer."""
+    # A model switched to another dtype policy since (mixed precision on a GPU worker)
+    # gets a new cut: the compiled gradient function was traced under the old one.
+    key = (layer_name, _policies(model))
     with _cache_lock:
         per_model = _cache.setdefault(model, {})
-        if layer_name not in per_model:
-            per_model[layer_name] = _cut(model, layer_name)
-        return per_model[layer_name]
+        if key not in per_model:
+            per_model[key] = _cut(model, layer_name)
+        return per_model[key]
+
+
+def _policies(model: Any) -> tuple[str, ...]:
+    return tuple(
+        str(getattr(layer, "dtype_policy", ""))
+        for layer in model._flatten_layers(include_self=True)
+    )
 
 
 def _cut(model: Any, layer_name: str) -> _Explainer:

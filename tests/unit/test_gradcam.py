@@ -229,6 +229,22 @@ def test_the_papers_architectures_give_grad_cam_worked_out_by_hand(arch: str, si
     assert drawn >= 2  # not a comparison of blank maps only
 
 
+def test_mixed_precision_gives_the_float32_maps() -> None:
+    """A GPU worker computes in mixed_float16 (set on the loaded model's layers)."""
+    from thyrocad.models.classifier import use_mixed_precision
+
+    keras.utils.set_random_seed(1)
+    model = build_model("vgg19", input_size=64, weights=None)
+    images = np.random.default_rng(5).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    float32 = grad_cam(model, images, "block5_conv4", 1)
+    use_mixed_precision(model)  # after a first call: the cut made then is not reused
+    mixed = grad_cam(model, images, "block5_conv4", 1)
+    assert mixed.dtype == np.float32 and (float32.max(axis=(1, 2)) > 0).all()
+    np.testing.assert_allclose(mixed, float32, atol=0.02)
+    # Computed in float16 indeed (a function traced under float32 would give these exactly).
+    assert not np.array_equal(mixed, float32)
+
+
 def test_a_gap_dense_head_gives_plain_cam() -> None:
     """With GAP -> Dense, Grad-CAM's channel weights are the Dense weights of the class."""
     keras.utils.set_random_seed(2)

@@ -175,6 +175,10 @@ def _plot_pr(report: EvaluationReport, path: Path, title: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+#: The folder of a model version that holds its hold-out evaluation report.
+EVALUATION_FOLDER = "evaluation"
+
+
 def write_report(
     report: EvaluationReport, out_dir: Path, title: str = "thyrocad evaluation"
 ) -> dict[str, Path]:

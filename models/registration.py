@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from thyrocad.models.evaluation import evaluate
-from thyrocad.models.evaluation_report import report_to_json
+from thyrocad.models.evaluation_report import EVALUATION_FOLDER, report_to_json, write_report
 from thyrocad.models.registry import Registry
 from thyrocad.models.training import TrainConfig
 from thyrocad.models.training import train as train_model
@@ -70,6 +70,7 @@ def train_and_register(
     metadata = dict(result.metadata)
     metadata["source"] = source
     metrics = None
+    write_extras = None
     if len(set(result.test_labels)) >= 2:
         report = evaluate(
             result.test_labels,
@@ -80,5 +81,11 @@ def train_and_register(
             seed=seed,
         )
         metrics = metadata["metrics"] = report_to_json(report)
-    version = Registry(registry_dir).save(result.model, metadata)
+        title = f"{arch} hold-out evaluation"
+
+        def write_extras(folder: Path) -> None:
+            # The plots the models page shows beside these metrics, from the same report.
+            write_report(report, folder / EVALUATION_FOLDER, title)
+
+    version = Registry(registry_dir).save(result.model, metadata, write_extras)
     return Trained(version.version, metrics)

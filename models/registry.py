@@ -17,7 +17,7 @@ import secrets
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,12 +120,18 @@ class Registry:
             if not (self.root / version).exists():
                 return version
 
-    def save(self, model: Any, metadata: dict[str, Any]) -> ModelVersion:
+    def save(
+        self,
+        model: Any,
+        metadata: dict[str, Any],
+        write_extras: Callable[[Path], object] | None = None,
+    ) -> ModelVersion:
         """Save ``model`` with ``metadata`` as a new version and return it.
 
         ``metadata`` must hold ``architecture``, ``classes`` and ``input_size``; the
-        registry adds ``version`` and ``created_at``. The version appears complete or
-        not at all.
+        registry adds ``version`` and ``created_at``. ``write_extras`` may add files to
+        the version's folder (its evaluation report) before it appears. The version
+        appears complete or not at all.
         """
         missing = [key for key in _REQUIRED_KEYS if key not in metadata]
         if missing:
@@ -144,6 +150,8 @@ class Registry:
             with (staging / MODEL_FILE).open("rb") as handle:
                 os.fsync(handle.fileno())
             _write_json_atomic(staging / METADATA_FILE, record)
+            if write_extras is not None:
+                write_extras(staging)
             os.rename(staging, self.root / version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -294,11 +294,14 @@ def _cut(model: Any, layer_name: str) -> _Explainer:
     if not rest_stages:
         raise EvidenceError(f"layer {layer_name!r} is the model's output, not a layer inside it")
     rest_all = _compose(rest_stages, front.outputs[0], "gradcam_rest")
-    rest, final = rest_all, None
-    if _final_layer(rest_all) is not None:
-        to_logits, _ = _stages_to(rest_all, _logit_input, last_only=True)
-        final = _final_layer(rest_all)
-        rest = _compose(to_logits, front.outputs[0], "gradcam_logits") if to_logits else None
+    rest, final = rest_all, _final_layer(rest_all)
+    if final is not None:
+        try:
+            to_logits, _ = _stages_to(rest_all, _logit_input, last_only=True)
+        except EvidenceError:  # the final layer's input cannot be cut out: the output then
+            final = None
+        else:
+            rest = _compose(to_logits, front.outputs[0], "gradcam_logits") if to_logits else None
     spatial = (2, 3) if keras.config.image_data_format() == "channels_first" else (1, 2)
     grid = (int(out_shape[spatial[0]]), int(out_shape[spatial[1]]))
     n_classes = int(model.outputs[0].shape[-1])

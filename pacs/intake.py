@@ -88,6 +88,11 @@ _Item = _Accepted | _Rejected | _Audit
 
 #: Audit events waiting to be written, at most; beyond it new ones are dropped (and counted).
 AUDIT_BACKLOG_MAX = 10_000
+#: How long the registrar waits for more instances to join a batch it has begun. Every
+#: batch costs the same two transactions and publish (registering one image at a time
+#: costs 3.3 ms of CPU per image, eight at a time 0.8 ms); the wait delays registration,
+#: never an acknowledgement.
+BATCH_LINGER_SECONDS = 0.025
 
 Observer = Callable[[str, dict[str, object]], None]
 
@@ -183,6 +188,7 @@ class Intake:
         publish: Publish,
         *,
         batch_max: int = 64,
+        linger_seconds: float = BATCH_LINGER_SECONDS,
         retry_seconds: float = 2.0,
         observer: Observer = _no_observer,
         audit_max: int = AUDIT_BACKLOG_MAX,
@@ -190,6 +196,7 @@ class Intake:
         self._sessions = session_factory
         self._publish = publish
         self._batch_max = batch_max
+        self._linger = linger_seconds
         self._retry_seconds = retry_seconds
         self._observe = observer
         self._broker = BrokerWatch()
@@ -268,9 +275,12 @@ class Intake:
                 self._idle.set()
             return []
         taken = [first]
+        # What arrives within the linger joins this batch: a batch costs two transactions
+        # and a publish whatever its size (about 3 ms of CPU here and in PostgreSQL).
+        deadline = time.monotonic() + self._linger
         while len(taken) < self._batch_max:
             try:
-                taken.append(self._queue.get_nowait())
+                taken.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
         audits = [item.event for item in taken if isinstance(item, _Audit)]

@@ -4,9 +4,15 @@ Selvaraju et al. (ICCV 2017): the gradient of the class score with respect to th
 activations ``A`` of a convolutional layer, averaged over the layer's grid, weighs each
 channel; the map is ``ReLU(sum_k alpha_k A_k)`` on that grid, here divided by its peak.
 
-The class score is the class's **pre-activation logit** when the model ends in a Dense
-(or Activation) layer with a softmax or sigmoid, as both of the paper's heads do; a model
-that ends otherwise is explained through its output (a probability) instead.
+The class score is the class's **log-odds against the other classes**, from the logits,
+when the model ends in a softmax (both of the paper's heads do):
+``z_c - logsumexp(z_j, j != c)``, which for two classes is ``z_c - z_other``. A softmax's
+lone logit ``z_c`` is not class-discriminative (all the logits can rise together while
+``p_c`` stays put), and taking it left a third of the demo's "autoimmune" images with a
+blank map. The log-probability would be, but its gradient shrinks with ``1 - p_c`` and
+drowns in float32 rounding on confident images; the log-odds' does not. With a sigmoid
+the logit is already the log-odds and is the score. A model that ends otherwise is
+explained through its output (a probability).
 
 The maps come from the model itself, with its own preprocessing: the model is cut at
 the layer, also when the layer sits in a nested base model (``image -> preprocess ->
@@ -54,11 +60,12 @@ def grad_cam(
     of the class to explain. Out: float32 ``(N, h, w)`` on the layer's ``h x w`` grid,
     in [0, 1] with 1 at each map's peak, all zeros where no location raises the score.
 
-    The score differentiated is the class's pre-softmax (pre-sigmoid) logit when the
-    model ends in a softmax/sigmoid Dense or Activation layer, else the model's output
-    for the class. Runs ``batch_size`` images at a time. Raises EvidenceError for a
-    missing layer, a layer that is not a feature map, a class index out of range or
-    images of the wrong shape.
+    The score differentiated is the class's log-odds against the other classes from
+    the pre-softmax logits (the pre-sigmoid logit for a sigmoid) when the model ends in
+    a softmax/sigmoid Dense or Activation layer, else the model's output for the class.
+    Runs ``batch_size`` images at a time. Raises EvidenceError for a missing layer, a
+    layer that is not a feature map, a class index out of range or images of the wrong
+    shape.
     """
     explainer = _explainer(model, layer_name)
     if not 0 <= int(class_index) < explainer.n_classes:
@@ -146,7 +153,12 @@ class _Explainer:
             if bias is not None:
                 x = x + ops.cast(bias, "float32")
         one_hot = ops.one_hot(class_index, ops.shape(x)[-1], dtype="float32")
-        return ops.sum(x * one_hot)
+        score = ops.sum(x * one_hot, axis=-1)
+        if self.n_classes > 1 and _activation_name(self.final) == "softmax":
+            # Log-odds against the rest: the other classes' logits, the class masked out.
+            others = ops.logsumexp(x - 1e9 * one_hot, axis=-1)
+            score = score - others
+        return ops.sum(score)
 
     def final_weights(self) -> tuple[Any, Any]:
         if not isinstance(self.final, keras.layers.Dense):
@@ -439,9 +451,13 @@ def _final_layer(model: Any) -> Any | None:
         return _final_layer(operation)
     if not isinstance(operation, keras.layers.Dense | keras.layers.Activation):
         return None
-    if getattr(operation.activation, "__name__", "") not in ("softmax", "sigmoid"):
+    if _activation_name(operation) not in ("softmax", "sigmoid"):
         return None
     return operation
+
+
+def _activation_name(layer: Any | None) -> str:
+    return str(getattr(getattr(layer, "activation", None), "__name__", ""))
 
 
 def _logit_input(model: Any) -> Any | None:

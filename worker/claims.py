@@ -90,7 +90,7 @@ class ClaimBook:
         if not tokens:
             return 0
         with sessions.begin() as session:
-            return repository.renew_claims(session, tokens, _utcnow())
+            return repository.renew_claims(session, tokens, repository.database_now(session))
 
 
 def _utcnow() -> dt.datetime:

@@ -71,7 +71,7 @@ def claim(ctx: WorkerContext, limit: int, token: str) -> list[ClaimedInstance]:
                 session,
                 limit=limit - len(claimed),
                 token=token,
-                now=utcnow(),
+                now=repository.database_now(session),  # the lease's clock on every host
                 lease_seconds=settings.claim_lease_seconds,
                 worker=ctx.claims.worker,
             )

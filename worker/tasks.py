@@ -8,7 +8,6 @@ answers, so a short outage delays results by the outage, not by a backoff.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from celery import shared_task
@@ -58,8 +57,8 @@ def finalise_studies() -> int:
 def requeue_stale() -> int:
     """Re-publish instances whose task was lost (broker outage, killed worker)."""
     ctx = get_context()
-    now = dt.datetime.now(dt.UTC)
     with ctx.sessions.begin() as session:
+        now = repository.database_now(session)  # claims' clock (repository.claims)
         ids = repository.instances_to_requeue(
             session,
             now,

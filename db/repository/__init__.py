@@ -65,6 +65,7 @@ from thyrocad.db.repository.audit import (
 )
 from thyrocad.db.repository.claims import (
     claim_instances,
+    database_now,
     mark_failed,
     mark_rejected,
     release_claim,
@@ -127,6 +128,7 @@ __all__ = [
     "audit_events",
     "backfill_items",
     "claim_instances",
+    "database_now",
     "decide_holdout",
     "default_actor",
     "has_no_usable_image",

@@ -1,20 +1,38 @@
 """Claims: a worker takes pending instances for a batch (``SKIP LOCKED`` on
 PostgreSQL), renews and gives back its claims, and settles an instance it could not
 predict as ``failed`` or ``rejected``.
+
+A claim's time (``claimed_at``) is written on one host and judged expired on another,
+so the callers stamp and judge claims on one clock, the database's
+(:func:`database_now`): a worker whose clock runs ahead would otherwise make its own
+claims look older to the others and lose them early, or one behind keep a dead
+worker's claims alive past their lease.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from thyrocad.db.records import ClaimedInstance
 from thyrocad.db.repository._common import _UNCLAIMED, PENDING_STATES, _no_sync, _now
 from thyrocad.db.schema import Instance, Study
+
+
+def database_now(session: Session) -> datetime:
+    """The database server's clock, aware UTC: the one clock every host shares.
+
+    PostgreSQL's ``clock_timestamp()`` (the moment of asking, not the transaction's
+    start); SQLite lives on one machine, whose clock is the database's.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return datetime.now(UTC)
+    value = session.execute(select(func.clock_timestamp())).scalar_one()
+    return cast(datetime, value).astimezone(UTC)
 
 
 def claim_instances(

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from thyrocad.db import repository
 from thyrocad.db.records import ClaimedInstance, PredictionRecord
 from thyrocad.db.repository.predictions import save_predictions_with_ids
-from thyrocad.metrics import observe_evidence
+from thyrocad.metrics import observe_evidence, reason_class
 from thyrocad.pacs.errors import PixelError, SpoolError
 from thyrocad.pacs.pixels import FrameImage, images_from_file
 from thyrocad.worker.claims import heartbeat
@@ -134,6 +134,14 @@ def _predict_and_store(ctx: WorkerContext, batch: DecodedBatch, classifier: Clas
             repository.mark_rejected(session, item.instance_id, reason, utcnow(), token=batch.token)
     if batch.failed:
         ctx.observe("unreadable", {"reasons": [reason for _, reason in batch.failed]})
+        for item, reason in batch.failed:
+            # The row id and the reason's class: a full reason may name a spool path.
+            logger.warning(
+                "instance %d rejected (%s); its reason is stored with it",
+                item.instance_id,
+                reason_class(reason),
+                extra={"instance_id": item.instance_id},
+            )
     if not batch.frames:
         return 0
     pixels = np.stack([frame.pixels for _, frame in batch.frames])

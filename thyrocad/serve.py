@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Periodic reconciliation re-reads files written this long before its previous pass.
 RECONCILE_MARGIN_SECONDS = 10.0
+#: The file in the spool's root whose modification time is the spool's clock.
+CLOCK_FILE = ".reconcile-clock"
 
 
 def check_ports_free(settings: Settings, *, embedded: bool = False) -> None:
@@ -129,26 +131,12 @@ def start_service(
     intake.start()
     stop = threading.Event()
 
-    def reconcile_forever() -> None:
-        since: float | None = None  # the first pass, at start-up, reads every file
-        wall_offset = time.time() - time.monotonic()
-        while True:
-            started = time.time()
-            if started - time.monotonic() < wall_offset - 1.0:
-                since = None  # the wall clock went back: modification times mislead
-            wall_offset = started - time.monotonic()
-            try:
-                reconcile_spool(spool, sessions, publish, modified_since=since)
-                # Every file written before this pass began is now registered with its
-                # bytes; the margin covers a file written just before the pass and
-                # renamed into place after its folder was listed.
-                since = started - RECONCILE_MARGIN_SECONDS
-            except Exception:
-                logger.exception("spool reconciliation failed; retrying later")
-            if stop.wait(settings.reconcile_interval_seconds):
-                return
-
-    reconciler = threading.Thread(target=reconcile_forever, name="thyrocad-reconcile", daemon=True)
+    reconciler = threading.Thread(
+        target=reconcile_forever,
+        args=(spool, sessions, publish, settings.reconcile_interval_seconds, stop),
+        name="thyrocad-reconcile",
+        daemon=True,
+    )
     if not index:
         reconciler.start()
     config = ListenerConfig(
@@ -177,6 +165,49 @@ def start_service(
             daemon=True,
         ).start()
     return ListenerService(settings, spool, sessions, intake, publish, servers, stop, reconciler)
+
+
+def spool_clock(spool: Spool) -> float:
+    """Now, on the clock that stamps the spool's files (seconds since the epoch).
+
+    On shared storage (NFS) the file server sets modification times, by its own clock,
+    which may be minutes off this host's; the reconciler compares those times with the
+    start of its previous pass, so it takes that start from the same clock: the
+    modification time of a file it touches in the spool (``Spool.entries`` skips it).
+    """
+    probe = spool.root / CLOCK_FILE
+    try:
+        probe.touch()
+        return probe.stat().st_mtime
+    except OSError:  # the pass itself will say what is wrong with the spool
+        return time.time()
+
+
+def reconcile_forever(
+    spool: Spool,
+    sessions: sessionmaker[Session],
+    publish: Callable[[list[int]], None],
+    interval: float,
+    stop: threading.Event,
+) -> None:
+    """Register what the spool holds and the database does not, every ``interval`` s."""
+    since: float | None = None  # the first pass, at start-up, reads every file
+    clock_offset = spool_clock(spool) - time.monotonic()
+    while True:
+        started = spool_clock(spool)
+        if started - time.monotonic() < clock_offset - 1.0:
+            since = None  # the spool's clock went back: modification times mislead
+        clock_offset = started - time.monotonic()
+        try:
+            reconcile_spool(spool, sessions, publish, modified_since=since)
+            # Every file written before this pass began is now registered with its
+            # bytes; the margin covers a file written just before the pass and
+            # renamed into place after its folder was listed.
+            since = started - RECONCILE_MARGIN_SECONDS
+        except Exception:
+            logger.exception("spool reconciliation failed; retrying later")
+        if stop.wait(interval):
+            return
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from thyrocad.commands import archive, audit, learning, models, pipeline, web
 from thyrocad.commands.common import State, fail
 from thyrocad.errors import explain, settings_message
-from thyrocad.logs import configure_logging
+from thyrocad.logs import configure_logging, quiet_native_imports
 from thyrocad.settings import load_settings
 
 
@@ -137,6 +137,7 @@ def main() -> None:
     # TensorFlow's C++ INFO lines (XLA start-up and the like) are noise for an operator;
     # its warnings and errors still show. An explicit setting wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    quiet_native_imports()  # TensorFlow 2.21 prints its start-up notes past that setting
     app()
 
 

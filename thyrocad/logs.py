@@ -7,12 +7,16 @@ are never logged, and a filter drops such keys if a caller passes them anyway.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 # Keys that could carry patient identity: never written, whoever passes them.
@@ -117,7 +121,7 @@ def _no_broker_hostname_warning(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def native_output_logged(logger: logging.Logger) -> Iterator[None]:
+def native_output_logged(logger: logging.Logger, level: int = logging.INFO) -> Iterator[None]:
     """While the block runs, what native code writes to file descriptor 2 becomes log
     records of ``logger``, one per line.
 
@@ -138,4 +142,49 @@ def native_output_logged(logger: logging.Logger) -> Iterator[None]:
             captured.seek(0)
             for line in captured.read().decode("utf-8", "replace").splitlines():
                 if line.strip():
-                    logger.info("%s", line.strip())
+                    logger.log(level, "%s", line.strip())
+
+
+#: Native libraries that print start-up notes to the raw stderr when first imported
+#: (TensorFlow 2.21's absl "log messages before absl::InitializeLog()" and "oneDNN
+#: custom operations are on", which TF_CPP_MIN_LOG_LEVEL no longer silences).
+NOISY_NATIVE_IMPORTS: tuple[str, ...] = ("tensorflow",)
+
+
+class _QuietImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports each of ``names`` the first time it is asked for with what it writes to
+    fd 2 turned into DEBUG records of the ``tensorflow`` logger, then steps aside.
+
+    The real import runs inside :meth:`find_spec` (by the other finders); the import
+    system then "loads" the finished module through this loader, which hands it over
+    and puts back its own spec."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = set(names)
+        self.specs: dict[str, Any] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)
+        if not self.names and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        with native_output_logged(logging.getLogger("tensorflow"), logging.DEBUG):
+            module = importlib.import_module(fullname)
+        self.specs[fullname] = module.__spec__
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return sys.modules[spec.name]
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = self.specs.pop(module.__name__)
+
+
+def quiet_native_imports(names: Sequence[str] = NOISY_NATIVE_IMPORTS) -> None:
+    """From now on, the first import of each of ``names`` keeps its native start-up
+    notes off the terminal (at DEBUG in the log instead): a command's output stays its
+    own, and an error stays one line. Modules already imported are left alone."""
+    pending = [name for name in names if name not in sys.modules]
+    if pending and not any(isinstance(f, _QuietImporter) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImporter(pending))

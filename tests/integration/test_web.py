@@ -444,6 +444,15 @@ def test_unknown_study_is_404(site: Site) -> None:
     assert answer.status_code == 404 and "no study 987654" in answer.text
 
 
+def test_a_malformed_or_unknown_address_is_the_html_404_page(site: Site) -> None:
+    client = site.client("dr-read")
+    for path in ("/studies/abc", "/no-such-page", "/studies/1/nothing"):
+        answer = client.get(path)
+        assert answer.status_code == 404, path
+        assert answer.headers["content-type"].startswith("text/html"), path
+        assert "There is no such page." in answer.text, path
+
+
 def test_every_study_view_is_audited_by_user_never_by_patient(site: Site) -> None:
     client = site.client("dr-read")
     for _ in range(2):

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thyrocad.db import repository
 from thyrocad.db.errors import RepositoryError
@@ -183,6 +185,18 @@ def _exception_handlers(app: FastAPI, ctx: WebContext) -> None:
     @app.exception_handler(NotFound)
     def not_found(request: Request, exc: NotFound) -> Response:
         return _error_page(ctx, request, 404, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # A malformed id in a URL names no page; a malformed form is a bad request.
+        if any(tuple(error.get("loc", ()))[:1] == ("path",) for error in exc.errors()):
+            return _error_page(ctx, request, 404, "There is no such page.")
+        return _error_page(ctx, request, 400, "The form was not filled in as expected.")
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = "There is no such page." if exc.status_code == 404 else str(exc.detail)
+        return _error_page(ctx, request, exc.status_code, message)
 
 
 def _error_page(ctx: WebContext, request: Request, status: int, message: str) -> Response:

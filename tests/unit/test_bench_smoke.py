@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     [
         ("bench_training.py", "speed-up, uncached extrapolated / cached:", "machine:"),
         ("bench_classifier.py", "ratio model.predict / direct:", "ratio Classifier.predict"),
+        ("bench_evidence.py", "ratio predict + Grad-CAM / predict alone:", "ratio predict"),
     ],
 )
 def test_bench_smoke(script: str, ratio_line: str, last_line: str) -> None:

@@ -188,7 +188,7 @@ class _Metrics:
         # Summed over the listener processes that are alive (THYROCAD_LISTENER_PROCESSES).
         self.associations_open = Gauge(
             "thyrocad_associations_open",
-            "DICOM associations open now.",
+            "DICOM associations established now (not connections still negotiating).",
             multiprocess_mode="livesum",
         )
         # Workers

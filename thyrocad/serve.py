@@ -217,11 +217,18 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     return server_context(TlsConfig(*settings.tls_files))
 
 
+def open_associations(servers: list[Any]) -> int:
+    """The established associations of these servers: a connection still before its
+    A-ASSOCIATE-RQ (or one being refused) has an association thread but is not one."""
+    return sum(
+        1 for server in servers for assoc in server.active_associations if assoc.is_established
+    )
+
+
 def _count_associations(servers: list[Any], observer: Observer, stop: threading.Event) -> None:
     """Report the open associations every second (a gauge each listener process sets)."""
     while not stop.wait(1.0):
-        count = sum(len(server.active_associations) for server in servers)
-        observer("associations_open", {"count": count})
+        observer("associations_open", {"count": open_associations(servers)})
 
 
 def run_listener_processes(settings: Settings) -> int:

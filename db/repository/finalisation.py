@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, exists, func, insert, select, update
+from sqlalchemy import String, bindparam, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from thyrocad.db.errors import RepositoryError
@@ -75,31 +75,42 @@ def has_no_usable_image(session: Session, study_id: int) -> bool:
     return session.execute(refused).first() is not None
 
 
-def _default_version(session: Session, scope: Any) -> str | None:
-    """The active model's version, else the version of the newest prediction in scope."""
-    active = session.execute(
-        select(ModelVersion.version).where(ModelVersion.status == "active")
-    ).scalar_one_or_none()
-    if active is not None:
-        return active
-    return session.execute(
+# A finalisation's statements are built once, at import: building a statement costs
+# about as much CPU as executing it. ``owner`` is the study's or the patient's id.
+_STUDY_SCOPE = Instance.study_id == bindparam("owner")
+_PATIENT_SCOPE = Instance.study_id.in_(
+    select(Study.id).where(Study.patient_id == bindparam("owner"))
+)
+
+
+def _version(scope: Any) -> Any:
+    """The ``version`` asked for, else the active model's, else the version of the
+    newest prediction in scope (COALESCE evaluates only what it needs)."""
+    active = (
+        select(ModelVersion.version)
+        .where(ModelVersion.status == "active")
+        .correlate(None)
+        .scalar_subquery()
+    )
+    newest = (
         select(Prediction.model_version)
         .join(Instance, Instance.id == Prediction.instance_id)
         .where(scope)
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         .limit(1)
-    ).scalar_one_or_none()
+        .correlate(None)
+        .scalar_subquery()
+    )
+    return func.coalesce(bindparam("version", type_=String), active, newest).label("version")
 
 
-def _image_predictions(
-    session: Session, scope: Any, version: str | None
-) -> tuple[ImagePrediction, ...]:
-    if version is None:
-        return ()
-    rows = session.execute(
+def _images(scope: Any) -> Any:
+    """The current image predictions in scope under ``version``, with their study."""
+    return (
         select(
             Prediction.instance_id,
             Instance.sop_instance_uid,
+            Instance.study_id,
             Prediction.frame_index,
             Prediction.label,
             Prediction.probability,
@@ -109,10 +120,40 @@ def _image_predictions(
         .join(Instance, Instance.id == Prediction.instance_id)
         # Only instances whose current bytes were predicted: a replaced file
         # waiting for inference must not be aggregated from its old pixels.
-        .where(scope, Instance.state == "predicted", Prediction.model_version == version)
+        .where(
+            scope, Instance.state == "predicted", Prediction.model_version == bindparam("version")
+        )
         .order_by(Instance.received_at, Instance.id, Prediction.frame_index)
-    ).all()
-    return tuple(
+    )
+
+
+_STUDY_HEAD = (
+    select(
+        Study.study_instance_uid,
+        Study.prediction_epoch,
+        Study.patient_id,
+        Patient.patient_key,
+        _version(_STUDY_SCOPE),
+    )
+    .join(Patient, Patient.id == Study.patient_id)
+    .where(Study.id == bindparam("owner"))
+)
+_PATIENT_HEAD = select(Patient.patient_key, _version(_PATIENT_SCOPE)).where(
+    Patient.id == bindparam("owner")
+)
+_STUDY_IMAGES = _images(_STUDY_SCOPE)
+_PATIENT_IMAGES = _images(_PATIENT_SCOPE)
+
+
+def _image_predictions(
+    session: Session, statement: Any, owner: int, version: str | None
+) -> tuple[tuple[ImagePrediction, ...], int]:
+    """The current image predictions of ``owner`` under ``version``, and how many
+    studies they come from."""
+    if version is None:
+        return (), 0
+    rows = session.execute(statement, {"owner": owner, "version": version}).all()
+    images = tuple(
         ImagePrediction(
             instance_id=row.instance_id,
             sop_instance_uid=row.sop_instance_uid,
@@ -124,6 +165,7 @@ def _image_predictions(
         )
         for row in rows
     )
+    return images, len({row.study_id for row in rows})
 
 
 def study_predictions(
@@ -138,27 +180,19 @@ def study_predictions(
     # The epoch is read before the predictions, so a prediction landing in
     # between can only make the epoch look older, never newer (see save_study_result).
     study = session.execute(
-        select(
-            Study.study_instance_uid,
-            Study.prediction_epoch,
-            Study.patient_id,
-            Patient.patient_key,
-        )
-        .join(Patient, Patient.id == Study.patient_id)
-        .where(Study.id == study_id)
+        _STUDY_HEAD, {"owner": study_id, "version": model_version or None}
     ).one_or_none()
     if study is None:
         raise RepositoryError(f"no study with id {study_id}")
-    scope = Instance.study_id == study_id
-    version = model_version or _default_version(session, scope)
+    images, _ = _image_predictions(session, _STUDY_IMAGES, study_id, study.version)
     return StudyPredictions(
         study_id=study_id,
         study_instance_uid=study.study_instance_uid,
         patient_id=study.patient_id,
         patient_key=study.patient_key,
-        model_version=version,
+        model_version=study.version,
         epoch=study.prediction_epoch,
-        images=_image_predictions(session, scope, version),
+        images=images,
     )
 
 
@@ -171,28 +205,64 @@ def patient_predictions(
     studies that contribute at least one image. Raises ``RepositoryError``
     for an unknown patient.
     """
-    patient_key = session.execute(
-        select(Patient.patient_key).where(Patient.id == patient_id)
-    ).scalar_one_or_none()
-    if patient_key is None:
+    patient = session.execute(
+        _PATIENT_HEAD, {"owner": patient_id, "version": model_version or None}
+    ).one_or_none()
+    if patient is None:
         raise RepositoryError(f"no patient with id {patient_id}")
-    scope = Instance.study_id.in_(select(Study.id).where(Study.patient_id == patient_id))
-    version = model_version or _default_version(session, scope)
-    images = _image_predictions(session, scope, version)
-    study_count = 0
-    if images:
-        study_count = session.execute(
-            select(func.count(func.distinct(Instance.study_id))).where(
-                Instance.id.in_({image.instance_id for image in images})
-            )
-        ).scalar_one()
+    images, study_count = _image_predictions(session, _PATIENT_IMAGES, patient_id, patient.version)
     return PatientPredictions(
         patient_id=patient_id,
-        patient_key=patient_key,
-        model_version=version,
+        patient_key=patient.patient_key,
+        model_version=patient.version,
         study_count=study_count,
         images=images,
     )
+
+
+_LOCK_STUDY_OWNER = (
+    select(Patient.patient_key)
+    .join(Study, Study.patient_id == Patient.id)
+    .where(Study.id == bindparam("study_id"))
+    .with_for_update(of=Patient)
+)
+
+
+def _mark_study(still_needed: Any) -> Any:
+    return (
+        update(Study)
+        .where(Study.id == bindparam("study_id"))
+        .values(finalised_at=bindparam("now"), needs_finalise=still_needed)
+        .returning(Study.study_instance_uid)
+        .execution_options(**_no_sync())
+    )
+
+
+_MARK_STUDY = _mark_study(False)
+_MARK_STUDY_AT_EPOCH = _mark_study(
+    case((Study.prediction_epoch == bindparam("epoch"), False), else_=Study.needs_finalise)
+)
+_MARK_PATIENT = (
+    update(Patient)
+    .where(Patient.id == bindparam("patient_id"))
+    .values(finalised_at=bindparam("now"))
+    .returning(Patient.patient_key)
+    .execution_options(**_no_sync())
+)
+_LATEST_STUDY_RESULT = (
+    select(StudyResultRow)
+    .where(StudyResultRow.study_id == bindparam("study_id"))
+    .order_by(StudyResultRow.revision.desc())
+    .limit(1)
+)
+_INSERT_STUDY_RESULT = insert(StudyResultRow).returning(StudyResultRow)
+_INSERT_PATIENT_RESULT = insert(PatientResultRow).returning(PatientResultRow)
+_LATEST_PATIENT_RESULT = (
+    select(PatientResultRow)
+    .where(PatientResultRow.patient_id == bindparam("patient_id"))
+    .order_by(PatientResultRow.revision.desc())
+    .limit(1)
+)
 
 
 def _same_result(row: Any, values: dict[str, Any]) -> bool:
@@ -228,28 +298,18 @@ def save_study_result(
     unconditionally. Raises ``RepositoryError`` for an unknown study.
     """
     now = _now(now)
-    owner = session.execute(
-        select(Study.patient_id).where(Study.id == study_id)
-    ).scalar_one_or_none()
-    if owner is None:
-        raise RepositoryError(f"no study with id {study_id}")
     # Lock order patient → study, as everywhere (see the module docstring), so
     # a finaliser that saves the patient result in the same transaction never
-    # deadlocks with the listener. SQLite ignores FOR UPDATE; its write lock
-    # is taken by the UPDATE below.
-    patient_key = session.execute(
-        select(Patient.patient_key).where(Patient.id == owner).with_for_update()
-    ).scalar_one()
+    # deadlocks with the listener: the owner's row only is locked here, the
+    # study's by the UPDATE below. SQLite ignores FOR UPDATE; its write lock
+    # is taken by that UPDATE.
+    patient_key = session.execute(_LOCK_STUDY_OWNER, {"study_id": study_id}).scalar_one_or_none()
+    if patient_key is None:
+        raise RepositoryError(f"no study with id {study_id}")
     # Writing the study row serialises concurrent finalisers of this study.
-    still_needed: Any = False
-    if epoch is not None:
-        still_needed = case((Study.prediction_epoch == epoch, False), else_=Study.needs_finalise)
+    mark = _MARK_STUDY if epoch is None else _MARK_STUDY_AT_EPOCH
     study_uid = session.execute(
-        update(Study)
-        .where(Study.id == study_id)
-        .values(finalised_at=now, needs_finalise=still_needed)
-        .returning(Study.study_instance_uid)
-        .execution_options(**_no_sync())
+        mark, {"study_id": study_id, "now": now, "epoch": epoch}
     ).scalar_one()
     values = {
         "model_version": model_version,
@@ -260,18 +320,12 @@ def save_study_result(
         "image_count": image_count,
         "reason": reason,
     }
-    latest = session.execute(
-        select(StudyResultRow)
-        .where(StudyResultRow.study_id == study_id)
-        .order_by(StudyResultRow.revision.desc())
-        .limit(1)
-    ).scalar_one_or_none()
+    latest = session.execute(_LATEST_STUDY_RESULT, {"study_id": study_id}).scalar_one_or_none()
     if latest is None or not _same_result(latest, values):
         revision = 1 if latest is None else latest.revision + 1
         latest = session.execute(
-            insert(StudyResultRow)
-            .values(study_id=study_id, revision=revision, created_at=now, **values)
-            .returning(StudyResultRow)
+            _INSERT_STUDY_RESULT,
+            [{"study_id": study_id, "revision": revision, "created_at": now, **values}],
         ).scalar_one()
     return _result_record(latest, "study", study_uid, patient_key, None)
 
@@ -294,11 +348,7 @@ def save_patient_result(
     """
     now = _now(now)
     found = session.execute(
-        update(Patient)
-        .where(Patient.id == patient_id)
-        .values(finalised_at=now)
-        .returning(Patient.patient_key)
-        .execution_options(**_no_sync())
+        _MARK_PATIENT, {"patient_id": patient_id, "now": now}
     ).scalar_one_or_none()
     if found is None:
         raise RepositoryError(f"no patient with id {patient_id}")
@@ -312,17 +362,13 @@ def save_patient_result(
         "study_count": study_count,
     }
     latest = session.execute(
-        select(PatientResultRow)
-        .where(PatientResultRow.patient_id == patient_id)
-        .order_by(PatientResultRow.revision.desc())
-        .limit(1)
+        _LATEST_PATIENT_RESULT, {"patient_id": patient_id}
     ).scalar_one_or_none()
     if latest is None or not _same_result(latest, values):
         revision = 1 if latest is None else latest.revision + 1
         latest = session.execute(
-            insert(PatientResultRow)
-            .values(patient_id=patient_id, revision=revision, created_at=now, **values)
-            .returning(PatientResultRow)
+            _INSERT_PATIENT_RESULT,
+            [{"patient_id": patient_id, "revision": revision, "created_at": now, **values}],
         ).scalar_one()
     return _result_record(latest, "patient", found, found, latest.study_count)
 
